@@ -1,0 +1,91 @@
+"""How many groups each layer gives up so the model loses ``ratio`` of its
+decoder-projection parameters.
+
+``ratio`` counts parameters of the seven projections of every decoder layer
+(q, k, v, o, gate, up, down, biases included) — not a per-layer head/channel
+fraction. Skipped layers keep everything, so the other layers remove more to
+reach the same total. Attention is cut in whole KV groups (coarse); the MLP,
+cut per channel (fine), absorbs the difference, so the total lands within a
+fraction of a channel per layer of the target (unless width rounding asks
+otherwise, which the report shows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .groups import LayerGroups
+
+
+@dataclass(frozen=True)
+class Allocation:
+    attn_remove: list[int]  # KV groups each layer removes at the end
+    mlp_remove: list[int]  # MLP channels each layer removes at the end
+    total_params: int  # all decoder-projection parameters
+    target_ratio: float
+
+    def removed_params(self, layers: list[LayerGroups]) -> int:
+        return sum(a * lg.attn_cost + m * lg.mlp_cost for a, m, lg in zip(self.attn_remove, self.mlp_remove, layers))
+
+    def achieved_ratio(self, layers: list[LayerGroups]) -> float:
+        return self.removed_params(layers) / self.total_params
+
+
+def resolve_skip(skip_layers, n_layers: int) -> set[int]:
+    """``None``/``()`` → none; ``"paper"`` → first 10 % and the last layer (as
+    the official LoRAPrune code); or an iterable of indices (negative allowed)."""
+    if not skip_layers:
+        return set()
+    if skip_layers == "paper":
+        return set(range(max(1, n_layers // 10))) | {n_layers - 1}
+    if isinstance(skip_layers, str):
+        raise ValueError(f"skip_layers must be 'paper' or a list of layer indices, got {skip_layers!r}")
+    out = set()
+    for i in skip_layers:
+        j = int(i) + (n_layers if int(i) < 0 else 0)
+        if not 0 <= j < n_layers:
+            raise ValueError(f"skip_layers index {i} is out of range for a model with {n_layers} layers")
+        out.add(j)
+    return out
+
+
+def _round_kept(kept: int, n: int, multiple: int) -> int:
+    if multiple <= 1 or n <= multiple:
+        return kept
+    return min(n, max(multiple, int(round(kept / multiple)) * multiple))
+
+
+def allocate(
+    layers: list[LayerGroups],
+    ratio: float,
+    total_params: int,
+    skip: set[int] = frozenset(),
+    round_to: int = 1,
+) -> Allocation:
+    """Final per-layer removal counts (the same in every layer of equal shape)."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must be in (0, 1) — the fraction of decoder-projection parameters to remove; got {ratio}")
+    if round_to < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to}")
+    prunable = [lg for lg in layers if lg.layer not in skip]
+    if not prunable:
+        raise ValueError("every layer is skipped; nothing can be pruned (shorten skip_layers)")
+    prunable_params = sum(lg.params for lg in prunable)
+    local = ratio * total_params / prunable_params
+    if local >= 1.0:
+        raise ValueError(
+            f"ratio={ratio} cannot be reached: the {len(prunable)} unskipped layers hold "
+            f"{prunable_params / total_params:.1%} of the projection parameters. Lower the ratio or skip fewer layers."
+        )
+    attn_remove, mlp_remove = [], []
+    for lg in layers:
+        if lg.layer in skip:
+            attn_remove.append(0)
+            mlp_remove.append(0)
+            continue
+        a = min(int(round(local * lg.n_kv)), lg.n_kv - 1)
+        want = local * lg.params - a * lg.attn_cost
+        m = min(max(int(round(want / lg.mlp_cost)), 0), lg.n_channels - 1)
+        kept = _round_kept(lg.n_channels - m, lg.n_channels, round_to)
+        attn_remove.append(a)
+        mlp_remove.append(lg.n_channels - kept)
+    return Allocation(attn_remove, mlp_remove, total_params, ratio)

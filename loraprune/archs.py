@@ -1,0 +1,133 @@
+"""Where each supported architecture keeps its prunable projections.
+
+One table, one row per Hugging Face ``model_type``. Everything else in
+loraprune (grouping, scoring, compaction, export) reads module locations from
+here instead of spreading ``if model_type == ...`` through the code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module layout of one decoder-only architecture.
+
+    Attention group = one KV head with every query head that shares it: its
+    q/k/v output rows and the o_proj input columns of those query heads.
+    MLP group = one intermediate channel: a gate row, an up row, a down column.
+    """
+
+    model_type: str
+    config_class: str  # name in ``transformers``
+    causal_lm_class: str  # name in ``transformers``
+    layers: str = "model.layers"  # dotted path to the nn.ModuleList of decoder layers
+    attn: str = "self_attn"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    mlp: str = "mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    notes: str = ""
+
+    @property
+    def row_pruned(self) -> tuple[str, ...]:
+        """Projections whose *output rows* a group owns (q, k, v, gate, up)."""
+        return (self.q, self.k, self.v, self.gate, self.up)
+
+    @property
+    def col_pruned(self) -> tuple[str, ...]:
+        """Projections whose *input columns* a group owns (o, down)."""
+        return (self.o, self.down)
+
+    @property
+    def attn_projections(self) -> tuple[str, ...]:
+        return (self.q, self.k, self.v, self.o)
+
+    @property
+    def mlp_projections(self) -> tuple[str, ...]:
+        return (self.gate, self.up, self.down)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    spec.model_type: spec
+    for spec in (
+        ArchSpec("llama", "LlamaConfig", "LlamaForCausalLM", notes="LLaMA-1/2/3.x, MHA and GQA"),
+        ArchSpec("mistral", "MistralConfig", "MistralForCausalLM", notes="GQA, sliding window"),
+        ArchSpec("qwen2", "Qwen2Config", "Qwen2ForCausalLM", notes="q/k/v carry a bias"),
+        ArchSpec("qwen3", "Qwen3Config", "Qwen3ForCausalLM", notes="q_norm/k_norm act per head_dim, untouched by head pruning"),
+    )
+}
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's architecture has no group definition in :data:`ARCHS`."""
+
+
+class ModuleLayoutError(ValueError):
+    """The model does not have the modules its architecture row promises."""
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ARCHS)
+
+
+def arch_for(model_or_config) -> ArchSpec:
+    """The :class:`ArchSpec` for a model, a config, or a ``model_type`` string."""
+    if isinstance(model_or_config, str):
+        model_type = model_or_config
+    else:
+        config = getattr(model_or_config, "config", model_or_config)
+        model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHS:
+        raise UnsupportedArchitectureError(
+            f"loraprune has no group definition for model_type={model_type!r}. "
+            f"Supported: {', '.join(supported_model_types())}. "
+            "To add one, add a row to loraprune.archs.ARCHS naming its decoder-layer, "
+            "attention and MLP projection modules."
+        )
+    return ARCHS[model_type]
+
+
+def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
+    module = root
+    for part in dotted.split("."):
+        if not hasattr(module, part):
+            raise ModuleLayoutError(
+                f"expected a submodule {dotted!r} on {type(root).__name__}, but "
+                f"{type(module).__name__} has no attribute {part!r} "
+                f"(found children: {[n for n, _ in module.named_children()]})"
+            )
+        module = getattr(module, part)
+    return module
+
+
+def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    """The decoder layers of a causal LM (``model.model.layers`` for LLaMA-likes)."""
+    layers = get_submodule(model, spec.layers)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ModuleLayoutError(
+            f"expected {spec.layers!r} to be a non-empty nn.ModuleList of decoder layers, "
+            f"found {type(layers).__name__}"
+        )
+    return layers
+
+
+def layer_projections(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+    """Map ``"q_proj" ... "down_proj"`` to the linear modules of one decoder layer."""
+    attn = get_submodule(layer, spec.attn)
+    mlp = get_submodule(layer, spec.mlp)
+    out = {name: get_submodule(attn, name) for name in spec.attn_projections}
+    out.update({name: get_submodule(mlp, name) for name in spec.mlp_projections})
+    return out
+
+
+def projection_path(spec: ArchSpec, layer_idx: int, name: str) -> str:
+    """Dotted module path of a projection, e.g. ``model.layers.3.self_attn.q_proj``."""
+    parent = spec.attn if name in spec.attn_projections else spec.mlp
+    return f"{spec.layers}.{layer_idx}.{parent}.{name}"

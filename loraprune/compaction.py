@@ -1,0 +1,144 @@
+"""Cut masked groups out: LoRA merged, kept rows/columns gathered into new,
+smaller, dense ``nn.Linear`` layers (kernel :func:`loraprune.kernels.merge_gather`).
+
+The compacted model computes exactly what the masked model computed: a
+removed KV group's q/k/v rows were producing zeros and its o_proj columns
+were reading zeros; a removed MLP channel's gate/up rows gave
+``act(0)·0 = 0`` into its down column.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import kernels
+from .archs import ArchSpec, arch_for, decoder_layers, get_submodule, layer_projections
+from .groups import LayerGroups, build_layer_groups
+from .lora import LoRALinear
+from .masks import Masks
+
+
+def _factors(module: nn.Module):
+    if isinstance(module, LoRALinear):
+        return module.base, module.lora_A.detach(), module.lora_B.detach(), module.scaling
+    return module, None, None, 0.0
+
+
+@torch.no_grad()
+def compact_linear(module: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new ``nn.Linear`` holding ``(W + s·B·A)[rows][:, cols]`` (and ``bias[rows]``)."""
+    base, A, B, scaling = _factors(module)
+    W = base.weight
+    if rows is not None:
+        rows = rows.to(W.device)
+    if cols is not None:
+        cols = cols.to(W.device)
+    weight = kernels.merge_gather(W, A, B, scaling, rows=rows, cols=cols)
+    out_f, in_f = weight.shape
+    new = nn.Linear(in_f, out_f, bias=base.bias is not None, device="meta")
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    if base.bias is not None:
+        bias = base.bias if rows is None else base.bias.index_select(0, rows)
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return new
+
+
+def _set(parent: nn.Module, name: str, module: nn.Module) -> None:
+    setattr(parent, name, module)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every :class:`LoRALinear` by a plain ``nn.Linear`` with LoRA merged."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                _set(module, child_name, compact_linear(child))
+    return model
+
+
+@torch.no_grad()
+def compact(model: nn.Module, masks: Masks, spec: ArchSpec | None = None) -> nn.Module:
+    """Physically remove the groups ``masks`` drops, merge LoRA, update the config.
+
+    Works in place and returns ``model``. After it, ``model.config`` carries a
+    ``loraprune`` block with the per-layer widths; when every layer keeps the
+    same widths the stock fields (``num_attention_heads``,
+    ``num_key_value_heads``, ``intermediate_size``, explicit ``head_dim``) are
+    updated too, so the model is a stock model of a smaller config.
+    """
+    spec = spec or arch_for(model)
+    layers = build_layer_groups(model, spec)
+    if len(masks.attn_keep) != len(layers):
+        raise ValueError(f"masks describe {len(masks.attn_keep)} layers, the model has {len(layers)}")
+    for lg, a_keep, m_keep in zip(layers, masks.attn_keep, masks.mlp_keep):
+        if a_keep.numel() != lg.n_kv or m_keep.numel() != lg.n_channels:
+            raise ValueError(
+                f"layer {lg.layer}: masks have {a_keep.numel()} KV groups / {m_keep.numel()} channels, "
+                f"the model has {lg.n_kv} / {lg.n_channels}"
+            )
+        if not a_keep.any() or not m_keep.any():
+            raise ValueError(f"layer {lg.layer}: a mask removes every group; keep at least one head group and one channel")
+    for layer_module, lg, a_keep, m_keep in zip(decoder_layers(model, spec), layers, masks.attn_keep, masks.mlp_keep):
+        proj = layer_projections(layer_module, spec)
+        attn = get_submodule(layer_module, spec.attn)
+        mlp = get_submodule(layer_module, spec.mlp)
+        q_idx, kv_idx, ch_idx = lg.q_index(a_keep), lg.kv_index(a_keep), lg.channel_index(m_keep)
+        full_attn, full_mlp = bool(a_keep.all()), bool(m_keep.all())
+        plan = {
+            spec.q: (attn, None if full_attn else q_idx, None),
+            spec.k: (attn, None if full_attn else kv_idx, None),
+            spec.v: (attn, None if full_attn else kv_idx, None),
+            spec.o: (attn, None, None if full_attn else q_idx),
+            spec.gate: (mlp, None if full_mlp else ch_idx, None),
+            spec.up: (mlp, None if full_mlp else ch_idx, None),
+            spec.down: (mlp, None, None if full_mlp else ch_idx),
+        }
+        for name, (parent, rows, cols) in plan.items():
+            _set(parent, name, compact_linear(proj[name], rows, cols))
+        _update_module_attrs(attn, mlp, lg, int(a_keep.sum()), int(m_keep.sum()))
+    merge_lora(model)  # any LoRA layer outside the decoder projections
+    record_widths(model.config, masks, layers)
+    return model
+
+
+def _update_module_attrs(attn: nn.Module, mlp: nn.Module, lg: LayerGroups, kv: int, channels: int) -> None:
+    """Keep width attributes that some transformers versions read in sync."""
+    if hasattr(attn, "num_heads"):
+        attn.num_heads = kv * lg.q_per_kv
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = kv
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = channels
+
+
+def layer_widths(masks: Masks, layers: list[LayerGroups]) -> list[dict]:
+    return [
+        {
+            "num_attention_heads": kv * lg.q_per_kv,
+            "num_key_value_heads": kv,
+            "intermediate_size": ch,
+        }
+        for lg, kv, ch in zip(layers, masks.kept_kv(), masks.kept_channels())
+    ]
+
+
+def record_widths(config, masks: Masks, layers: list[LayerGroups]) -> None:
+    """Write the per-layer widths into ``config.loraprune`` (and the stock fields if uniform)."""
+    widths = layer_widths(masks, layers)
+    block = dict(getattr(config, "loraprune", None) or {})
+    block["layers"] = widths
+    block["uniform"] = all(w == widths[0] for w in widths)
+    block.setdefault("original", {
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        "intermediate_size": config.intermediate_size,
+    })
+    config.head_dim = layers[0].head_dim
+    if block["uniform"]:
+        # Plain attribute writes skip the config's validators on purpose: LLaMA's
+        # config rejects hidden_size % num_heads != 0 even with an explicit
+        # head_dim; the export (loraprune.io) deals with that case.
+        config.num_attention_heads = widths[0]["num_attention_heads"]
+        config.num_key_value_heads = widths[0]["num_key_value_heads"]
+        config.intermediate_size = widths[0]["intermediate_size"]
+    config.loraprune = block

@@ -1,0 +1,112 @@
+"""save -> load round trips: identical logits, uniform and per-layer."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import loraprune
+from loraprune import PrunedModelError, attach_export, load_pruned, save_pruned
+from test_compaction import masked_and_compacted
+from tiny import random_batches, tiny_model
+
+X = random_batches(n=1, batch=2, seq=10, seed=3)[0]["input_ids"]
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(X).logits
+
+
+def _pruned(arch, uniform, **cfg):
+    model, *_ = masked_and_compacted(arch, uniform, **cfg)
+    return attach_export(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_uniform_reloads_with_stock_from_pretrained(arch, tmp_path):
+    model = _pruned(arch, True)
+    save_pruned(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "auto_map" not in cfg and cfg["loraprune"]["uniform"]
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")  # no trust_remote_code
+    assert type(again).__name__ == type(model).__name__
+    assert (_logits(again) - _logits(model)).abs().max() <= 1e-5
+    again2 = load_pruned(tmp_path / "m")
+    assert (_logits(again2) - _logits(model)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_per_layer_reloads_with_load_pruned_and_remote_code(arch, tmp_path):
+    model = _pruned(arch, False)
+    widths = model.config.loraprune["layers"]
+    assert widths[0] != widths[1]
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "modeling_loraprune.py").is_file()
+    again = load_pruned(tmp_path / "m")
+    assert (_logits(again) - _logits(model)).abs().max() <= 1e-5
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
+    assert (_logits(remote) - _logits(model)).abs().max() <= 1e-5
+    out = remote.generate(X[:1, :4], max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_indivisible_llama_head_count(tmp_path):
+    model = tiny_model(hidden_size=40, num_attention_heads=4, num_key_value_heads=4, head_dim=8, intermediate_size=24)
+    masks = loraprune.Masks([torch.tensor([True, True, True, False])] * 2, [torch.ones(24, dtype=torch.bool)] * 2)
+    loraprune.compact(model, masks)  # 3 heads: 40 % 3 != 0, LlamaConfig would refuse to save
+    want = _logits(model)
+    exported = attach_export(model)
+    assert type(exported).__name__ == "MistralForCausalLM"
+    assert (_logits(exported) - want).abs().max() <= 1e-6
+    save_pruned(exported, tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert (_logits(again) - want).abs().max() <= 1e-5
+
+
+def test_save_refuses_non_empty_dir_and_leaves_nothing_partial(tmp_path, monkeypatch):
+    model = _pruned("llama", True)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_pruned(model, target)
+    assert (target / "keep.txt").read_text() == "mine"
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pruned(model, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left behind
+
+
+def test_overwrite_replaces_atomically(tmp_path):
+    model = _pruned("llama", True)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("x")
+    save_pruned(model, target, overwrite=True)
+    assert not (target / "old.txt").exists() and (target / "config.json").is_file()
+
+
+def test_corrupted_directory_errors(tmp_path):
+    model = _pruned("llama", False)
+    save_pruned(model, tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(PrunedModelError, match="corrupted"):
+        load_pruned(tmp_path / "m")
+    with pytest.raises(PrunedModelError, match="config.json"):
+        load_pruned(tmp_path / "nothing")
+
+
+def test_mismatched_weights_error(tmp_path):
+    model = _pruned("llama", False)
+    save_pruned(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["loraprune"]["layers"][0]["intermediate_size"] += 1
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PrunedModelError, match="do not match"):
+        load_pruned(tmp_path / "m")
