@@ -3,8 +3,11 @@
 Accepts what users have: an iterable of batches (dicts with ``input_ids`` and
 optionally ``attention_mask`` / ``labels``), a list of strings, local ``.txt``
 / ``.jsonl`` files or a folder of them, a ``datasets.Dataset`` with a text
-column, or a hub dataset name. Text is tokenised, concatenated with EOS
-between documents, cut into fixed windows and shuffled under the seed.
+column, or a hub dataset name. Text is tokenised, documents joined by a blank
+line, cut into fixed windows and shuffled under the seed.
+
+This module is the one home of the text plumbing: the reference model,
+evaluation and the benchmarks read and tokenize text through it.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from typing import Iterable, Iterator
 import torch
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+#: Separator placed between documents before tokenizing (as the papers' eval scripts).
+DOC_SEPARATOR = "\n\n"
 
 
 class DataError(ValueError):
@@ -43,47 +48,66 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
     return texts
 
 
-def read_text_files(paths, text_field: str = "text") -> list[str]:
-    """Documents from ``.txt`` files (one document per file) and ``.jsonl`` files
-    (one per line); a folder stands for the text files directly inside it."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix in TEXT_SUFFIXES and f.is_file())
-            if not found:
-                raise DataError(f"folder {p} holds no {'/'.join(TEXT_SUFFIXES)} files")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"no such file or folder: {p}")
-    texts = []
-    for f in files:
-        if f.suffix in (".jsonl", ".json"):
-            texts.extend(_read_jsonl(f, text_field))
-        else:
-            texts.append(f.read_text(encoding="utf-8"))
-    return texts
+def _read_path(path: Path, field: str) -> list[str]:
+    """Documents of one file (.txt: the whole file; .jsonl: one per line) or folder."""
+    if path.is_dir():
+        found = sorted(f for f in path.iterdir() if f.suffix in TEXT_SUFFIXES and f.is_file())
+        if not found:
+            raise DataError(f"folder {path} holds no {'/'.join(TEXT_SUFFIXES)} files")
+        return [t for f in found for t in _read_path(f, field)]
+    if path.suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, field)
+    return [path.read_text(encoding="utf-8")]
+
+
+def _is_path(s: str) -> bool:
+    return "\n" not in s and len(s) < 4096 and os.path.exists(s)
+
+
+def read_texts(source, text_field: str = "text") -> list[str]:
+    """Documents from a text source.
+
+    Accepts a string (a path to an existing file or folder, else the text
+    itself), a ``Path``, a ``datasets.Dataset`` (its ``text_field`` column),
+    or a list mixing these. Files: ``.txt`` is one document, ``.jsonl`` one
+    per line; a folder stands for the text files directly inside it.
+    """
+    if isinstance(source, os.PathLike):
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"no such file or folder: {path}")
+        return _read_path(path, text_field)
+    if isinstance(source, str):
+        return _read_path(Path(source), text_field) if _is_path(source) else [source]
+    if hasattr(source, "column_names"):  # a datasets.Dataset, without importing datasets
+        if text_field not in source.column_names:
+            raise DataError(f"the dataset has no {text_field!r} column (columns: {source.column_names}); "
+                            "select or rename the text column")
+        return [str(t) for t in source[text_field] if t is not None]
+    if isinstance(source, Iterable):
+        out: list[str] = []
+        for item in source:
+            if not isinstance(item, (str, os.PathLike)):
+                raise DataError(f"expected strings or paths in the list, got {type(item).__name__}")
+            out.extend(read_texts(item, text_field))
+        return out
+    raise DataError(
+        f"unsupported text source {type(source).__name__}: pass a string, a path, a list of strings/paths "
+        "or a datasets.Dataset with a text column"
+    )
+
+
+def _looks_like_dataset_name(s: str) -> bool:
+    return bool(s) and not any(c.isspace() for c in s) and not os.path.exists(s) and not s.endswith(TEXT_SUFFIXES)
 
 
 def load_texts(source, split: str = "train", text_field: str = "text", max_documents: int | None = None) -> list[str]:
-    """Strings from local paths, a ``datasets.Dataset``, or a hub dataset name
-    (``"name"`` or ``"name:config"``, loaded with ``datasets.load_dataset``)."""
-    if isinstance(source, (list, tuple)) and all(isinstance(s, str) for s in source) and not all(
-        os.path.exists(s) for s in source
-    ):
-        return list(source)
-    if isinstance(source, (list, tuple)) or isinstance(source, os.PathLike) or (
-        isinstance(source, str) and os.path.exists(source)
-    ):
-        texts = read_text_files(source, text_field)
-    elif isinstance(source, str):
-        try:
-            import datasets
-        except ImportError as err:  # pragma: no cover - datasets is a dependency
-            raise DataError(f"{source!r} is not a local path and the datasets package is missing") from err
+    """Like :func:`read_texts`, but a lone string that is neither a path nor
+    text-like is a hub dataset name (``"name"`` or ``"name:config"``, loaded
+    with ``datasets.load_dataset``): what a command line's ``--data`` means."""
+    if isinstance(source, str) and _looks_like_dataset_name(source):
+        import datasets
+
         name, _, config = source.partition(":")
         try:
             ds = datasets.load_dataset(name, config or None, split=split)
@@ -92,37 +116,45 @@ def load_texts(source, split: str = "train", text_field: str = "text", max_docum
                 f"{source!r} is neither a local file/folder nor a loadable hub dataset ({type(err).__name__}: {err}). "
                 "Pass a path to .txt/.jsonl files, a folder of them, or a dataset name reachable from this machine."
             ) from err
-        texts = [str(t) for t in ds[text_field]]
-    elif hasattr(source, "column_names"):
-        if text_field not in source.column_names:
-            raise DataError(f"the dataset has no {text_field!r} column (columns: {source.column_names})")
-        texts = [str(t) for t in source[text_field]]
+        texts = read_texts(ds, text_field)
+    elif isinstance(source, str) and not _is_path(source) and source.endswith(TEXT_SUFFIXES):
+        raise DataError(f"no such file: {source}")
     else:
-        raise DataError(f"cannot read text from {type(source).__name__}")
+        texts = read_texts(source, text_field)
     texts = [t for t in texts if t.strip()]
     return texts[:max_documents] if max_documents else texts
 
 
-def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
-    """One flat LongTensor of tokens: documents joined by the EOS token."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
+def token_stream(tokenizer, source, separator: str = DOC_SEPARATOR) -> torch.Tensor:
+    """One flat LongTensor of tokens: documents joined by ``separator``, no special tokens.
+
+    A LongTensor ``source`` is taken as already tokenized (rows concatenated).
+    """
+    if isinstance(source, torch.Tensor):
+        if source.dtype not in (torch.int64, torch.int32):
+            raise DataError(f"token tensor must be integer (LongTensor), got {source.dtype}")
+        return source.reshape(-1).long()
+    if tokenizer is None:
+        raise DataError("text needs a tokenizer: pass tokenizer=... (or token ids as a LongTensor)")
+    text = separator.join(read_texts(source))
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
-def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Non-overlapping ``seq_len`` windows of a token stream, (n, seq_len)."""
+def cut_windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping ``seq_len`` windows of a token stream, (n, seq_len); the tail is dropped."""
     n = stream.numel() // seq_len
     if n == 0:
         raise DataError(
-            f"the data has {stream.numel()} tokens, fewer than one window of seq_len={seq_len}; "
-            "give more text or a smaller seq_len"
+            f"the text has {stream.numel()} tokens, fewer than one window of {seq_len}; "
+            "give more text or a smaller seq_len/window"
         )
     return stream[: n * seq_len].view(n, seq_len)
+
+
+def text_windows(tokenizer, source, seq_len: int, separator: str = DOC_SEPARATOR) -> torch.Tensor:
+    """Tokenize a text source and cut it into ``[n, seq_len]`` windows."""
+    return cut_windows(token_stream(tokenizer, source, separator), seq_len)
 
 
 def check_context(seq_len: int, config) -> None:
@@ -190,7 +222,7 @@ def make_batches(data, config, tokenizer=None, seq_len: int = 128, batch_size: i
         texts = load_texts(data)
         if not texts:
             raise DataError("the text data is empty")
-        return text_batches(windows(token_stream(texts, tokenizer), seq_len), batch_size, seed)
+        return text_batches(text_windows(tokenizer, texts, seq_len), batch_size, seed)
     if isinstance(data, (list, tuple)) and not data:
         raise DataError("the data is empty: pass at least one batch or one text")
     return checked_batches(data, config)

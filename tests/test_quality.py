@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraprune
-from loraprune.data import load_texts, token_stream, windows
+from loraprune.data import load_texts, text_windows
 from loraprune.eval import perplexity
 from loraprune.reference import shakespeare_split, train_tokenizer
 
@@ -21,7 +21,7 @@ def learned_model():
         pytest.skip(f"shared Shakespeare data not found: {err}")
     files = [p for p in train if p.name in ("othello.txt", "lear.txt", "julius_caesar.txt")]
     tok = train_tokenizer(files, vocab_size=384)
-    rows = windows(token_stream(load_texts(files), tok), 64)
+    rows = text_windows(tok, files, 64)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

@@ -1,0 +1,285 @@
+"""Evaluation: perplexity in the paper's style, CPU throughput, lm-eval hook, eval texts.
+
+Perplexity follows the usual pruning-paper protocol (SparseGPT, LLM-Pruner,
+LoRAPrune): join the documents with ``"\\n\\n"``, tokenize once, cut the stream
+into non-overlapping windows and report ``exp(mean NLL)`` over every predicted
+token.  Compare pruned / dense ratios on the same text and tokenizer.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import DOC_SEPARATOR, read_texts, token_stream
+from .reference import resolve_data_dir, shakespeare_split
+
+__all__ = ["perplexity", "tokens_per_second", "lm_eval_tasks", "load_eval_text", "EVAL_SETS"]
+
+
+# ----------------------------------------------------------------------- perplexity
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _context_length(model) -> int:
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not n:
+        raise ValueError("window=None needs model.config.max_position_embeddings; pass window=<int> explicitly.")
+    return int(n)
+
+
+def _window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """``(start, first_scored_position)`` for each window of the sliding evaluation.
+
+    Windows are ``[start, start + window)`` for ``start = 0, stride, 2*stride, ...``
+    while they fit.  The first window scores positions ``1..window-1``; each later
+    one scores only its last ``stride`` positions, i.e. the tokens no earlier
+    window predicted, so every token after the first is scored exactly once with
+    at least ``window - stride`` tokens of context.  With ``stride == window``
+    this is the plain non-overlapping evaluation.  The tail that does not fill a
+    whole window is dropped, as in the reference protocol.
+    """
+    if n_tokens < window:
+        raise ValueError(
+            f"text too short for perplexity: found {n_tokens} tokens, need at least window={window} "
+            "tokens for one window (pass more text or a smaller window)."
+        )
+    starts = range(0, n_tokens - window + 1, stride)
+    return [(s, 1 if s == 0 else window - stride) for s in starts]
+
+
+def _scored_nll(logits: torch.Tensor, ids: torch.Tensor, first: torch.Tensor) -> tuple[float, int]:
+    """Sum of next-token NLL over positions ``>= first`` of each row, and their count."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [b, L-1]; entry j predicts position j+1
+    pos = torch.arange(1, ids.shape[1], device=ids.device)
+    mask = pos[None, :] >= first[:, None]
+    return float(nll[mask].double().sum()), int(mask.sum())
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    texts_or_dataset,
+    tokenizer=None,
+    window: int | None = 128,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    device=None,
+) -> float:
+    """Perplexity ``exp(mean NLL over scored tokens)`` of a causal LM.
+
+    ``texts_or_dataset``: a string, a list of strings, a path / list of paths to
+    text files, a ``datasets.Dataset`` with a ``"text"`` column, or token ids as a
+    LongTensor (1-D stream or 2-D rows, concatenated).  Documents are joined by
+    ``"\\n\\n"`` and tokenized without special tokens.
+
+    ``window``: tokens per window (``None`` = the model's full context).
+    ``stride``: ``None`` = ``window`` (non-overlapping, the paper's protocol);
+    smaller = sliding evaluation that scores only the new tokens of each window.
+    ``max_windows`` keeps only the first N windows (quick estimates).
+    The model's train/eval mode is restored afterwards.
+    """
+    window = _context_length(model) if window is None else int(window)
+    stride = window if stride is None else int(stride)
+    if window < 2:
+        raise ValueError(f"window must be >= 2 tokens, got {window}.")
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window={window}], got {stride}.")
+    ids = token_stream(tokenizer, texts_or_dataset)
+    plan = _window_plan(ids.numel(), window, stride)
+    if max_windows is not None:
+        plan = plan[: max(1, int(max_windows))]
+    device = torch.device(device) if device is not None else _model_device(model)
+    offsets = torch.arange(window)
+
+    was_training = model.training
+    model.eval()
+    total_nll, total_count = 0.0, 0
+    try:
+        for i in range(0, len(plan), batch_size):
+            chunk = plan[i : i + batch_size]
+            starts = torch.tensor([s for s, _ in chunk])
+            batch = ids[starts[:, None] + offsets].to(device)
+            first = torch.tensor([f for _, f in chunk], device=device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            nll, count = _scored_nll(logits, batch, first)
+            total_nll += nll
+            total_count += count
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / total_count)
+
+
+# ----------------------------------------------------------------------- throughput
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def tokens_per_second(
+    model,
+    batch_size: int = 1,
+    seq_len: int = 128,
+    mode: str = "prefill",
+    new_tokens: int = 32,
+    repeats: int = 3,
+    warmup: int = 1,
+    prompt_len: int = 8,
+    seed: int = 0,
+) -> float:
+    """Measured throughput in tokens/second (median over ``repeats`` after ``warmup`` runs).
+
+    ``mode="prefill"``: one forward pass over ``batch_size x seq_len`` random
+    tokens, no KV cache.  ``mode="decode"``: greedy generation of ``new_tokens``
+    tokens with the KV cache after a ``prompt_len``-token prompt; only the
+    decode steps are timed (the prompt's prefill is excluded), so the figure is
+    ``batch_size * new_tokens / decode time``.  Intended for before/after ratios
+    on the same machine.
+    """
+    if mode not in ("prefill", "decode"):
+        raise ValueError(f"mode must be 'prefill' or 'decode', got {mode!r}.")
+    device = _model_device(model)
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+    length = seq_len if mode == "prefill" else prompt_len
+    ids = torch.randint(0, vocab, (batch_size, length), generator=gen).to(device)
+    run = _prefill_once if mode == "prefill" else _decode_once
+    n_tokens = batch_size * (seq_len if mode == "prefill" else new_tokens)
+
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(warmup):
+            run(model, ids, new_tokens)
+        times = sorted(run(model, ids, new_tokens) for _ in range(max(1, repeats)))
+    finally:
+        model.train(was_training)
+    return n_tokens / times[len(times) // 2]
+
+
+def _prefill_once(model, ids, _new_tokens) -> float:
+    _sync(ids.device)
+    t = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    _sync(ids.device)
+    return time.perf_counter() - t
+
+
+def _cache_kwarg(model) -> str:
+    """transformers >= 5.x names the KV-cache argument ``cache``; 4.x used ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _decode_once(model, ids, new_tokens) -> float:
+    kwarg = _cache_kwarg(model)
+    out = model(input_ids=ids, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=nxt, use_cache=True, **{kwarg: _out_cache(out)})
+        nxt = out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
+    return time.perf_counter() - t
+
+
+# ------------------------------------------------------------------------ lm-eval
+def lm_eval_tasks(model, tokenizer, tasks, batch_size: int = 8, **kw) -> dict:
+    """Run lm-evaluation-harness tasks (e.g. ``["boolq", "piqa"]``) on an in-memory model.
+
+    Wraps the model with ``lm_eval.models.huggingface.HFLM(pretrained=model,
+    tokenizer=tokenizer)`` and calls ``lm_eval.simple_evaluate``; extra keyword
+    arguments (``num_fewshot``, ``limit``, ...) go to ``simple_evaluate``.
+    Returns the ``"results"`` dict (task -> metrics).  Needs the optional extra
+    ``pip install loraprune[eval]`` and network access for the task data.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:  # optional dependency
+        raise ImportError(
+            "lm_eval_tasks needs lm-evaluation-harness: pip install loraprune[eval]  (or pip install lm-eval)"
+        ) from e
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), **kw)
+    return results["results"]
+
+
+# --------------------------------------------------------------------- eval texts
+#: Local folder under the data dir, and the hub fallback (dataset, config, text column).
+#: The local WikiText-2 copy is the ``<unk>``-tokenised version, hence ``wikitext-2-v1``.
+EVAL_SETS = {
+    "wikitext2": ("wikitext-2", ("wikitext", "wikitext-2-v1", "text")),
+    "ptb": ("ptb", ("ptb_text_only", "penn_treebank", "sentence")),
+}
+_ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "wiki": "wikitext2", "penn_treebank": "ptb"}
+
+
+def load_eval_text(name: str, split: str = "test", data_dir=None, config: str | None = None) -> str:
+    """Evaluation text as one string, read from the local shared data folder when possible.
+
+    ``name``: ``"wikitext2"`` / ``"ptb"`` (``<data_dir>/<folder>/<split>.txt``),
+    ``"shakespeare"`` (the held-out plays for ``split`` "test"/"valid"/"heldout",
+    the training plays for "train"), a local folder holding ``<split>.txt``, or
+    any hub dataset name (``config`` selects its configuration).  If the local
+    copy is missing, ``datasets.load_dataset`` is used (needs network).
+    """
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key == "shakespeare":
+        train, heldout = shakespeare_split(data_dir)
+        if split not in ("train", "test", "valid", "validation", "heldout"):
+            raise ValueError(f"shakespeare split must be 'train' or 'test'/'heldout', got {split!r}.")
+        return DOC_SEPARATOR.join(read_texts(train if split == "train" else heldout))
+    if key in EVAL_SETS:
+        folder, hub = EVAL_SETS[key]
+        local = resolve_data_dir(data_dir) / folder / f"{split}.txt"
+        if local.is_file():
+            return local.read_text(encoding="utf-8")
+        dataset, default_config, column = hub
+        return _from_hub(dataset, config or default_config, split, column, local)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        f = path / f"{split}.txt"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: a local eval folder must hold <split>.txt files.")
+        return f.read_text(encoding="utf-8")
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    return _from_hub(name, config, split, "text", None)
+
+
+def _from_hub(dataset: str, config: str | None, split: str, column: str, local: Path | None) -> str:
+    """``datasets.load_dataset`` fallback; documents joined by ``"\\n\\n"`` like the local files' protocol."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset, config, split=split)
+    except Exception as e:  # offline, unknown name, script datasets, ...
+        where = f"No local copy at {local}; " if local is not None else ""
+        raise FileNotFoundError(
+            f"{where}could not load {dataset!r} ({config}) split {split!r} from the hub: {e}. "
+            "Set LORAPRUNE_DATA / data_dir to the shared data folder, or check the network."
+        ) from e
+    if column not in ds.column_names:
+        raise ValueError(f"dataset {dataset!r} has no {column!r} column (columns: {ds.column_names}).")
+    return DOC_SEPARATOR.join(t for t in ds[column] if t is not None)
