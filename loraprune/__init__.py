@@ -7,6 +7,7 @@ their own training loop: :class:`LoRAPruner` (the engine), the criteria,
 :class:`CubicSchedule`, :class:`PruningState` / :class:`Masks`, and
 :func:`compact`.
 """
+from .adapter import export_adapter
 from .allocation import Allocation, allocate
 from .archs import ARCHS, ArchSpec, ModuleLayoutError, UnsupportedArchitectureError, arch_for
 from .checkpoint import Checkpointer, CheckpointError
@@ -28,5 +29,5 @@ __all__ = [
     "ARCHS", "Allocation", "ArchSpec", "CRITERIA", "CheckpointError", "Checkpointer", "CubicSchedule", "DataError",
     "LayerGroups", "LoRALinear", "LoRAPruner", "Masks", "ModuleLayoutError", "NonFiniteLossError", "PrunedModelError",
     "PruningState", "UnsupportedArchitectureError", "allocate", "arch_for", "attach_export", "build_layer_groups",
-    "compact", "load_pruned", "merge_lora", "prune", "save_pruned", "score_module",
+    "compact", "export_adapter", "load_pruned", "merge_lora", "prune", "save_pruned", "score_module",
 ]

@@ -1,6 +1,12 @@
 """Cut masked groups out: LoRA merged, kept rows/columns gathered into new,
 smaller, dense ``nn.Linear`` layers (kernel :func:`loraprune.kernels.merge_gather`).
 
+With ``merge=False`` the base weights and the LoRA factors are gathered
+separately instead (``B`` keeps the kept output rows, ``A`` the kept input
+columns), so the result still holds :class:`LoRALinear` layers whose adapter
+fits the pruned base: :mod:`loraprune.adapter` exports the two apart and
+:func:`merge_lora` merges them later.
+
 The compacted model computes exactly what the masked model computed: a
 removed KV group's q/k/v rows were producing zeros and its o_proj columns
 were reading zeros; a removed MLP channel's gate/up rows gave
@@ -43,6 +49,18 @@ def compact_linear(module: nn.Module, rows: torch.Tensor | None = None, cols: to
     return new
 
 
+@torch.no_grad()
+def gather_lora(module: LoRALinear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> LoRALinear:
+    """A new :class:`LoRALinear` on ``W[rows][:, cols]`` with ``B[rows]`` and ``A[:, cols]`` (not merged)."""
+    base = compact_linear(module.base, rows, cols)
+    A, B = module.lora_A.detach(), module.lora_B.detach()
+    if cols is not None:
+        A = A.index_select(1, cols.to(A.device))
+    if rows is not None:
+        B = B.index_select(0, rows.to(B.device))
+    return LoRALinear(base, r=module.r, dropout=module.dropout, lora_A=A, lora_B=B, scaling=module.scaling)
+
+
 def _set(parent: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
@@ -57,14 +75,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def compact(model: nn.Module, masks: Masks, spec: ArchSpec | None = None) -> nn.Module:
+def compact(model: nn.Module, masks: Masks, spec: ArchSpec | None = None, merge: bool = True) -> nn.Module:
     """Physically remove the groups ``masks`` drops, merge LoRA, update the config.
+
+    ``merge=False`` keeps every :class:`LoRALinear`, its base and factors
+    gathered to the kept rows/columns (see the module doc).
 
     Works in place and returns ``model``. After it, ``model.config`` carries a
     ``loraprune`` block with the per-layer widths; when every layer keeps the
     same widths the stock fields (``num_attention_heads``,
     ``num_key_value_heads``, ``intermediate_size``, explicit ``head_dim``) are
-    updated too, so the model is a stock model of a smaller config.
+    updated too, so the model is a stock model of a smaller config. The kept
+    indices stay on the model as ``model.loraprune_masks`` (a :class:`Masks`),
+    which :func:`loraprune.save_pruned` writes to ``loraprune_masks.json``.
     """
     spec = spec or arch_for(model)
     layers = build_layer_groups(model, spec)
@@ -94,10 +117,14 @@ def compact(model: nn.Module, masks: Masks, spec: ArchSpec | None = None) -> nn.
             spec.down: (mlp, None, None if full_mlp else ch_idx),
         }
         for name, (parent, rows, cols) in plan.items():
-            _set(parent, name, compact_linear(proj[name], rows, cols))
+            module = proj[name]
+            keep_lora = not merge and isinstance(module, LoRALinear)
+            _set(parent, name, gather_lora(module, rows, cols) if keep_lora else compact_linear(module, rows, cols))
         _update_module_attrs(attn, mlp, lg, int(a_keep.sum()), int(m_keep.sum()))
-    merge_lora(model)  # any LoRA layer outside the decoder projections
+    if merge:
+        merge_lora(model)  # any LoRA layer outside the decoder projections
     record_widths(model.config, masks, layers)
+    model.loraprune_masks = masks.clone()
     return model
 
 

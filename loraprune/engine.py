@@ -169,23 +169,32 @@ class LoRAPruner:
 
     def report(self) -> dict:
         removed = self.removed_params()
+        achieved = removed / self.total_params
+        target = self.settings["ratio"]
         return {
             "settings": dict(self.settings),
             "projection_params": self.total_params,
             "removed_params": removed,
-            "achieved_ratio": removed / self.total_params,
+            "achieved_ratio": achieved,
+            "target_ratio": target,
+            # achieved - target: what whole KV groups and round_to cost the parameter target
+            "rounding_effect": achieved - target,
             "steps": self.state.step,
         }
 
     @torch.no_grad()
-    def finalize(self) -> nn.Module:
-        """Reach the target, cut the masked groups, merge LoRA; returns the small model."""
+    def finalize(self, merge: bool = True) -> nn.Module:
+        """Reach the target, cut the masked groups, merge LoRA; returns the small model.
+
+        ``merge=False`` keeps the LoRA layers, gathered to the pruned shapes, for
+        :func:`loraprune.export_adapter` (then :func:`loraprune.merge_lora`).
+        """
         self.reach_target()
         report = self.report()
         for mods in self.modules:
             for m in mods.values():
                 m.enable_weight_grad(False)
-        model = compact(self.model, self.state.masks, self.spec)
+        model = compact(self.model, self.state.masks, self.spec, merge=merge)
         block = dict(model.config.loraprune)
         block.update(report)
         model.config.loraprune = block

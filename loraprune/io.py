@@ -13,7 +13,9 @@
   rebuild them.
 * :func:`save_pruned` writes atomically: a temporary sibling directory is
   renamed into place, so an interrupted save never leaves a half-written
-  model where a saved one is expected.
+  model where a saved one is expected. Beside the weights it writes
+  ``loraprune_masks.json``: the kept KV groups and MLP channels of every
+  layer, as indices into the original model (:meth:`Masks.load_json` reads it).
 """
 from __future__ import annotations
 
@@ -21,12 +23,17 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .lora import LoRALinear
+from .masks import Masks
 from .modeling_loraprune import PER_LAYER_CLASSES
+
+MASKS_FILE = "loraprune_masks.json"
 
 
 class PrunedModelError(ValueError):
@@ -69,6 +76,8 @@ def _as_mistral(model: nn.Module) -> nn.Module:
                 setattr(module, key, module.inv_freq.clone())
     new.tie_weights()
     new.generation_config = model.generation_config
+    if getattr(model, "loraprune_masks", None) is not None:
+        new.loraprune_masks = model.loraprune_masks
     return new.eval()
 
 
@@ -99,19 +108,15 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another directory or pass overwrite=True")
 
 
-def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=None, extra_json: dict | None = None,
-                **save_kwargs) -> Path:
-    """Save atomically (safetensors + JSON): write a sibling temp dir, then rename it into place."""
+@contextmanager
+def atomic_directory(out_dir, overwrite: bool = False):
+    """Yield a temporary sibling directory; on success it replaces ``out_dir``, on error it vanishes."""
     out_dir = Path(out_dir)
     _check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, payload in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        yield tmp
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
             os.replace(out_dir, trash / "old")
@@ -122,6 +127,61 @@ def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def masks_payload(model: nn.Module) -> dict | None:
+    """``loraprune_masks.json`` content: kept indices per layer plus the geometry to read them."""
+    masks = getattr(model, "loraprune_masks", None)
+    if masks is None:
+        return None
+    original = (getattr(model.config, "loraprune", None) or {}).get("original") or {}
+    n_heads, n_kv = original.get("num_attention_heads"), original.get("num_key_value_heads")
+    payload = {
+        "description": "kept groups per layer, as indices into the original model: KV group g owns k/v rows "
+                       "[g*head_dim, (g+1)*head_dim) and q rows / o_proj columns "
+                       "[g*q_per_kv*head_dim, (g+1)*q_per_kv*head_dim); an MLP channel c owns gate/up row c "
+                       "and down_proj column c",
+        "head_dim": getattr(model.config, "head_dim", None),
+        "q_per_kv": n_heads // n_kv if n_heads and n_kv else None,
+    }
+    payload.update(masks.to_dict())
+    return payload
+
+
+def write_masks(model: nn.Module, directory) -> Path | None:
+    payload = masks_payload(model)
+    if payload is None:
+        return None
+    path = Path(directory) / MASKS_FILE
+    path.write_text(json.dumps(payload), encoding="utf-8")
+    return path
+
+
+def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=None, extra_json: dict | None = None,
+                **save_kwargs) -> Path:
+    """Save atomically (safetensors + JSON): write a sibling temp dir, then rename it into place.
+
+    The model is first given its export class (:func:`attach_export`), so a
+    merged model from ``finalize``/``merge_lora`` saves the same way as one
+    from :func:`loraprune.prune`. A model that still holds LoRA layers is
+    refused: merge it (:func:`loraprune.merge_lora`) or export base and
+    adapter apart (:func:`loraprune.export_adapter`).
+    """
+    lora = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if lora:
+        raise PrunedModelError(
+            f"the model still holds {len(lora)} LoRA layers (e.g. {lora[0]}); call loraprune.merge_lora(model) "
+            "to save the merged model, or loraprune.export_adapter(model, dir) to save the pruned base and its adapter"
+        )
+    model = attach_export(model)
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
+        write_masks(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, payload in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=2), encoding="utf-8")
     return out_dir
 
 
@@ -155,8 +215,12 @@ def load_pruned(path, dtype=None, device_map=None, **kwargs) -> nn.Module:
             if cls is None:
                 raise PrunedModelError(f"per-layer model of unknown model_type={raw.get('model_type')!r}")
             config = AutoConfig.from_pretrained(path)
-            return cls.from_pretrained(path, config=config, **kwargs)
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = cls.from_pretrained(path, config=config, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if (path / MASKS_FILE).is_file():
+            model.loraprune_masks = Masks.load_json(path / MASKS_FILE)
+        return model
     except PrunedModelError:
         raise
     except Exception as err:

@@ -110,3 +110,60 @@ def test_mismatched_weights_error(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(PrunedModelError, match="do not match"):
         load_pruned(tmp_path / "m")
+
+
+# ---- kept indices as JSON ----------------------------------------------------------
+def test_masks_json_indexes_the_original_weights(tmp_path):
+    """The saved kept indices, read with the geometry stored beside them, pick out exactly
+    the rows/columns of the original weights that the pruned model holds (LoRA B = 0: no merge change)."""
+    model = tiny_model("qwen2", seed=4)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = loraprune.prune(model, random_batches(n=2), ratio=0.4, steps=2, lr=1e-9, skip_layers=[0],
+                             criterion="random", progress=False)
+    save_pruned(pruned, tmp_path / "m")
+    data = json.loads((tmp_path / "m" / "loraprune_masks.json").read_text())
+    hd, qpk = data["head_dim"], data["q_per_kv"]
+    assert (hd, qpk) == (8, 2)
+    state = load_pruned(tmp_path / "m").state_dict()
+    for i, layer in enumerate(data["layers"]):
+        kv_rows = torch.tensor([g * hd + j for g in layer["kv_groups"] for j in range(hd)])
+        q_rows = torch.tensor([g * qpk * hd + j for g in layer["kv_groups"] for j in range(qpk * hd)])
+        ch = torch.tensor(layer["mlp_channels"])
+        p = f"model.layers.{i}."
+        expect = {
+            "self_attn.q_proj.weight": original[p + "self_attn.q_proj.weight"][q_rows],
+            "self_attn.q_proj.bias": original[p + "self_attn.q_proj.bias"][q_rows],
+            "self_attn.k_proj.weight": original[p + "self_attn.k_proj.weight"][kv_rows],
+            "self_attn.v_proj.bias": original[p + "self_attn.v_proj.bias"][kv_rows],
+            "self_attn.o_proj.weight": original[p + "self_attn.o_proj.weight"][:, q_rows],
+            "mlp.up_proj.weight": original[p + "mlp.up_proj.weight"][ch],
+            "mlp.down_proj.weight": original[p + "mlp.down_proj.weight"][:, ch],
+        }
+        for name, want in expect.items():
+            assert torch.allclose(state[p + name], want, atol=1e-6), (i, name)
+    assert len(data["layers"][0]["mlp_channels"]) == 48 and len(data["layers"][1]["mlp_channels"]) < 48
+    masks = load_pruned(tmp_path / "m").loraprune_masks  # reattached on load
+    assert masks.kept_kv() == [w["num_key_value_heads"] for w in pruned.config.loraprune["layers"]]
+
+
+# ---- reloading builds on the meta device ---------------------------------------------
+def test_per_layer_reload_builds_on_meta_then_loads(tmp_path, monkeypatch):
+    """load_pruned must not materialise a random-initialised copy of a per-layer model before
+    reading the weights: when the per-layer widths are applied, every parameter is still on meta."""
+    import loraprune.modeling_loraprune as ml
+
+    model = _pruned("llama", False)
+    save_pruned(model, tmp_path / "m")
+    seen = []
+    real = ml.apply_layer_widths
+
+    def spy(m):
+        seen.append({p.device.type for p in m.parameters()})
+        real(m)
+        seen.append({p.device.type for p in m.parameters()})
+
+    monkeypatch.setattr(ml, "apply_layer_widths", spy)
+    again = load_pruned(tmp_path / "m")
+    assert seen == [{"meta"}, {"meta"}]
+    assert {p.device.type for p in again.parameters()} == {"cpu"}
+    assert (_logits(again) - _logits(model)).abs().max() <= 1e-5
