@@ -1,6 +1,6 @@
 """Peak-RSS probe of group_importance on CPU (used by the memory test and the benchmark).
 
-    python -m loraprune.kernels.cpu_memory --impl twin|eager --out 11008 --in 4096 --rank 8
+    python -m loraprune.kernels.cpu_memory --impl twin|eager|criterion --out 11008 --in 4096 --rank 8
 
 Run it in a *fresh* process per measurement.  It allocates the inputs, warms
 up the implementation on a small problem (so library code pages, thread pools
@@ -52,7 +52,23 @@ def _impl(name):
         from loraprune.kernels.reference import importance_eager_fp32
 
         return importance_eager_fp32
-    raise ValueError(f"unknown impl {name!r}; expected 'twin' or 'eager'")
+    if name == "criterion":
+        return _criterion_lora
+    raise ValueError(f"unknown impl {name!r}; expected 'twin', 'eager' or 'criterion'")
+
+
+def _criterion_lora(weight, lora_A, lora_B, grad_A, grad_B, scaling):
+    """The public path loraprune.prune takes: score_module on a LoRALinear (criterion "lora")."""
+    import torch
+
+    from loraprune.criterion import score_module
+    from loraprune.lora import LoRALinear
+
+    base = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    base.weight = torch.nn.Parameter(weight, requires_grad=False)  # shares the input, no copy
+    module = LoRALinear(base, r=lora_A.shape[0], lora_A=lora_A, lora_B=lora_B, scaling=scaling)
+    module.lora_A.grad, module.lora_B.grad = grad_A, grad_B
+    return score_module(module, "lora")
 
 
 def measure(impl: str, out_f: int, in_f: int, rank: int = 8, scaling: float = 2.0, dtype_name: str = "float32"):
@@ -79,7 +95,7 @@ def measure(impl: str, out_f: int, in_f: int, rank: int = 8, scaling: float = 2.
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", choices=("twin", "eager"), required=True)
+    parser.add_argument("--impl", choices=("twin", "eager", "criterion"), required=True)
     parser.add_argument("--out", type=int, default=11008)
     parser.add_argument("--in", dest="in_f", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=8)

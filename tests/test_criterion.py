@@ -82,3 +82,27 @@ def test_ema_smoothing_closed_form():
     pruner.state.observe([x * 11 for x in a1], [x * 11 for x in m1])
     # first observation seeds the EMA; then 0.9 * 1 + 0.1 * 11 = 2
     assert torch.allclose(pruner.state.attn_score[0], torch.full((n,), 2.0))
+
+
+def test_lora_criterion_allocates_no_out_by_in_temporary():
+    """Through the public path (score_module on a LoRALinear), on a 4096x4096
+    fp32 layer (64 MiB): an out x in temporary would show as >= 100% of W."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc to reset the RSS high-water mark")
+
+    def probe(impl):
+        res = subprocess.run([sys.executable, "-m", "loraprune.kernels.cpu_memory", "--impl", impl,
+                              "--out", "4096", "--in", "4096", "--rank", "8"],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    ours, eager = probe("criterion"), probe("eager")
+    assert ours["ratio_to_weight"] <= 0.05, ours
+    assert eager["ratio_to_weight"] >= 1.0, eager  # the probe does see full-size temporaries
+    assert ours["row_sum_total"] == pytest.approx(eager["row_sum_total"], rel=1e-4)
