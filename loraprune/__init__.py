@@ -10,6 +10,7 @@ their own training loop: :class:`LoRAPruner` (the engine), the criteria,
 from .adapter import export_adapter
 from .allocation import Allocation, allocate
 from .archs import ARCHS, ArchSpec, ModuleLayoutError, UnsupportedArchitectureError, arch_for
+from .callback import LoRAPruneCallback
 from .checkpoint import Checkpointer, CheckpointError
 from .compaction import compact, merge_lora
 from .criterion import CRITERIA, score_module
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCHS", "Allocation", "ArchSpec", "CRITERIA", "CheckpointError", "Checkpointer", "CubicSchedule", "DataError",
-    "LayerGroups", "LoRALinear", "LoRAPruner", "Masks", "ModuleLayoutError", "NonFiniteLossError", "PrunedModelError",
+    "LayerGroups", "LoRALinear", "LoRAPruneCallback", "LoRAPruner", "Masks", "ModuleLayoutError", "NonFiniteLossError", "PrunedModelError",
     "PruningState", "UnsupportedArchitectureError", "allocate", "arch_for", "attach_export", "build_layer_groups",
     "compact", "export_adapter", "load_pruned", "merge_lora", "prune", "save_pruned", "score_module",
 ]

@@ -27,7 +27,8 @@ def _measure(model, tokenizer, heldout, args) -> dict:
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "projection_params": sum(layer_projection_params(model)),
-        "heldout_ppl": perplexity(model, heldout, tokenizer=tokenizer, window=args.window, max_windows=args.eval_windows),
+        "heldout_ppl": perplexity(model, heldout, tokenizer=tokenizer, window=args.window,
+                                  max_windows=args.eval_windows, progress=True),
         "prefill_tok_s": tokens_per_second(model, batch_size=4, seq_len=args.window, mode="prefill", repeats=5),
         "decode_tok_s": tokens_per_second(model, batch_size=1, mode="decode", new_tokens=32, repeats=3),
     }

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .data import DOC_SEPARATOR, read_texts, token_stream
 from .reference import resolve_data_dir, shakespeare_split
@@ -74,6 +75,7 @@ def perplexity(
     batch_size: int = 8,
     max_windows: int | None = None,
     device=None,
+    progress: bool = False,
 ) -> float:
     """Perplexity ``exp(mean NLL over scored tokens)`` of a causal LM.
 
@@ -85,7 +87,8 @@ def perplexity(
     ``window``: tokens per window (``None`` = the model's full context).
     ``stride``: ``None`` = ``window`` (non-overlapping, the paper's protocol);
     smaller = sliding evaluation that scores only the new tokens of each window.
-    ``max_windows`` keeps only the first N windows (quick estimates).
+    ``max_windows`` keeps only the first N windows (quick estimates);
+    ``progress`` shows a tqdm bar over the batches.
     The model's train/eval mode is restored afterwards.
     """
     window = _context_length(model) if window is None else int(window)
@@ -105,7 +108,7 @@ def perplexity(
     model.eval()
     total_nll, total_count = 0.0, 0
     try:
-        for i in range(0, len(plan), batch_size):
+        for i in tqdm(range(0, len(plan), batch_size), desc="perplexity", unit="batch", disable=not progress):
             chunk = plan[i : i + batch_size]
             starts = torch.tensor([s for s, _ in chunk])
             batch = ids[starts[:, None] + offsets].to(device)

@@ -215,9 +215,17 @@ def load_pruned(path, dtype=None, device_map=None, **kwargs) -> nn.Module:
             if cls is None:
                 raise PrunedModelError(f"per-layer model of unknown model_type={raw.get('model_type')!r}")
             config = AutoConfig.from_pretrained(path)
-            model = cls.from_pretrained(path, config=config, **kwargs)
+            model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        # transformers only warns when weights are missing (it initialises them
+        # randomly): for a pruned model that is a broken directory, so refuse.
+        problems = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise PrunedModelError(
+                f"{path}: the weights do not match config.json ({problems}); a corrupted or mixed-up "
+                "directory? Save the pruned model again."
+            )
         if (path / MASKS_FILE).is_file():
             model.loraprune_masks = Masks.load_json(path / MASKS_FILE)
         return model

@@ -72,6 +72,7 @@ def prune(
     checkpoint_dir=None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    merge: bool = True,
 ) -> nn.Module:
     """Prune ``ratio`` of the decoder-projection parameters of ``model`` and return it compacted.
 
@@ -83,7 +84,8 @@ def prune(
     network; the steps after ``prune_end`` are recovery on the final mask. At
     the end the masked groups are cut out and LoRA is merged: the returned
     model is the same object, smaller, with ``config.loraprune`` describing
-    what was done. See the README for every option.
+    what was done. ``merge=False`` keeps the LoRA layers (gathered to the pruned
+    shapes) for :func:`loraprune.export_adapter`. See the README for every option.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -104,7 +106,9 @@ def prune(
 
     from .checkpoint import Checkpointer  # local: checkpointing is optional
 
-    ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every) if checkpoint_dir else None
+    run = dict(steps=steps, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seq_len=seq_len,
+               batch_size=batch_size, schedule=[schedule.start, schedule.end, schedule.every])
+    ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every, run=run) if checkpoint_dir else None
     start = 0
     if ckpt is not None and resume:
         start = ckpt.restore(pruner, optimizer)
@@ -145,8 +149,10 @@ def prune(
         if use_cache is not None:
             hf_model.config.use_cache = use_cache
     hf_model.eval()
-    pruned = pruner.finalize()
+    pruned = pruner.finalize(merge=merge)
     rep = pruned.config.loraprune
     log.info("loraprune: removed %.2f%% of decoder-projection parameters (target %.2f%%)",
              100 * rep["achieved_ratio"], 100 * ratio)
-    return attach_export(pruned)
+    # compact() left the kept indices on the model as ``loraprune_masks``;
+    # merge=False keeps LoRA for loraprune.export_adapter
+    return attach_export(pruned) if merge else pruned

@@ -167,3 +167,14 @@ def test_per_layer_reload_builds_on_meta_then_loads(tmp_path, monkeypatch):
     assert seen == [{"meta"}, {"meta"}]
     assert {p.device.type for p in again.parameters()} == {"cpu"}
     assert (_logits(again) - _logits(model)).abs().max() <= 1e-5
+
+
+def test_config_with_more_layers_than_the_weights_is_refused(tmp_path):
+    """transformers would fill the missing layer randomly and only warn."""
+    model = _pruned("llama", True)
+    save_pruned(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["num_hidden_layers"] += 1
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PrunedModelError, match="missing_keys"):
+        load_pruned(tmp_path / "m")

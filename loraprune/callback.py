@@ -1,0 +1,243 @@
+"""LoRAPrune inside ``transformers.Trainer``: a callback, not a copied training loop.
+
+Trainer (4.4x to 5.x) calls, for every optimiser step::
+
+    backward (per micro-batch) -> [DDP all-reduce] -> clip -> on_pre_optimizer_step
+    -> optimizer.step() -> on_optimizer_step -> lr_scheduler.step() -> zero_grad
+    -> global_step += 1 -> on_step_end -> save (on_save)
+
+so the callback scores in ``on_pre_optimizer_step`` (the LoRA gradients of the
+whole accumulated step are present, already all-reduced under DDP) and
+updates the masks in ``on_step_end`` (after the step, with ``global_step``
+counting completed optimiser steps, as :func:`loraprune.prune` does). Trainer
+clips before the hook, so the scores see clipped gradients: a per-step scalar
+that leaves each step's ranking unchanged; pass ``max_grad_norm=0`` to score
+exactly as :func:`loraprune.prune` does.
+
+Distributed training (via Accelerate):
+
+* **DDP** - gradients are averaged over ranks before the hook, so every rank
+  computes the same scores and masks. The masks are still broadcast from rank
+  0 at each update (a few hundred bytes), so ranks cannot drift apart even
+  through floating-point differences; a rank that disagreed is reported.
+* **FSDP** (v1, ``use_orig_params=True``) - parameters and gradients are
+  sharded at the hook. Scoring needs, per projection, the full LoRA factors,
+  their gradients and the frozen weight, so the callback gathers them with
+  ``FullyShardedDataParallel.summon_full_params(with_grads=True,
+  writeback=False)`` for the duration of :meth:`LoRAPruner.score` (peak memory:
+  one full copy of the model's parameters and LoRA gradients, transient).
+  Per-shard partial sums (each rank scoring the rows it owns and all-reducing
+  the group sums) would avoid the gather for the ``lora`` criterion, but
+  FSDP's flat shards do not follow row boundaries, so this is not done.
+  FSDP2 (``fully_shard``, DTensor parameters) is refused with a clear error.
+* **DeepSpeed** - ZeRO-1/2/3 keep gradients in their own partitioned buffers
+  (``param.grad`` is ``None`` at the hook). Instead of silently skipping the
+  scoring (which prunes blind), the callback raises and says so.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from .checkpoint import restore_pruning_state, save_pruning_state
+from .engine import LoRAPruner
+from .prune import NonFiniteLossError
+from .schedule import CubicSchedule
+
+log = logging.getLogger("loraprune")
+
+STATE_DIR = "loraprune_state"  # inside each Trainer checkpoint-N folder
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _fsdp_class():
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        return None
+    return FullyShardedDataParallel
+
+
+def _find_fsdp(model):
+    fsdp = _fsdp_class()
+    if fsdp is None or model is None:
+        return None
+    if isinstance(model, fsdp):
+        return model
+    return next((m for m in model.modules() if isinstance(m, fsdp)), None)
+
+
+class LoRAPruneCallback(TrainerCallback):
+    """Drive a :class:`~loraprune.LoRAPruner` from ``transformers.Trainer``.
+
+    ::
+
+        pruner = LoRAPruner(model, ratio=0.5)
+        callback = LoRAPruneCallback(pruner)
+        trainer = Trainer(model=pruner.model, args=args, train_dataset=ds, callbacks=[callback],
+                          optimizers=(callback.optimizer(lr=2e-4), None))
+        trainer.train()
+        small = callback.finalize()          # compacted, LoRA merged
+        loraprune.save_pruned(small, "out")
+
+    ``prune_start`` / ``prune_end`` / ``prune_every`` build the cubic schedule
+    from ``max_steps`` when training starts (unless the pruner already has a
+    schedule). Steps with NaN/inf gradients are skipped with a warning;
+    ``max_bad_steps`` of them in a row raise :class:`NonFiniteLossError`.
+    Trainer checkpoints get the pruning state (masks, EMA scores) in
+    ``checkpoint-N/loraprune_state``; ``trainer.train(resume_from_checkpoint=...)``
+    restores it together with Trainer's own weights, optimiser and RNG.
+    """
+
+    def __init__(self, pruner: LoRAPruner, prune_start: float | int = 0.0, prune_end: float | int = 0.75,
+                 prune_every: int | None = None, max_bad_steps: int = 5, sync_masks: bool = True):
+        if not isinstance(pruner, LoRAPruner):
+            raise TypeError(f"LoRAPruneCallback needs a loraprune.LoRAPruner, got {type(pruner).__name__}")
+        self.pruner = pruner
+        self.prune_start, self.prune_end, self.prune_every = prune_start, prune_end, prune_every
+        self.max_bad_steps = max_bad_steps
+        self.sync_masks = sync_masks
+        self.bad_in_row = 0
+        self.skipped_steps = 0
+        self.mask_disagreements = 0
+        self._finalized = None
+
+    # ---- helpers for users ----------------------------------------------------------
+    def optimizer(self, lr: float = 2e-4, weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
+        """AdamW over the LoRA factors only (pass as ``Trainer(optimizers=(opt, None))``)."""
+        return torch.optim.AdamW(self.pruner.lora_parameters(), lr=lr, weight_decay=weight_decay, **kwargs)
+
+    def finalize(self):
+        """Reach the target masks, cut the pruned groups, merge LoRA: the small model (call after ``train()``)."""
+        if self._finalized is None:
+            from .io import attach_export
+
+            masks = self.pruner.state.masks.clone()
+            self._finalized = attach_export(self.pruner.finalize())
+            self._finalized.loraprune_masks = masks
+        return self._finalized
+
+    # ---- Trainer events ---------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.pruner.schedule is None:
+            if not state.max_steps or state.max_steps < 1:
+                raise ValueError("LoRAPruneCallback needs a known number of steps: set TrainingArguments(max_steps=...) "
+                                 "or give the pruner a CubicSchedule")
+            self.pruner.schedule = CubicSchedule.for_run(state.max_steps, self.prune_start, self.prune_end,
+                                                         self.prune_every)
+        if optimizer is not None:
+            lora = {id(p) for p in self.pruner.lora_parameters()}
+            extra = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in lora]
+            if extra:
+                raise ValueError(
+                    f"the optimizer also updates {len(extra)} non-LoRA tensors (the frozen weights must stay as they "
+                    "are while they are scored); pass Trainer(..., optimizers=(callback.optimizer(lr), None))"
+                )
+        fsdp = _find_fsdp(model)
+        if fsdp is not None and not getattr(fsdp, "_use_orig_params", True):
+            raise ValueError("FSDP needs use_orig_params=True for LoRAPrune scoring "
+                             "(accelerate: fsdp_use_orig_params: true)")
+        if any(type(p).__name__ == "DTensor" for p in self.pruner.lora_parameters()):
+            raise NotImplementedError("FSDP2 (fully_shard) is not supported by LoRAPruneCallback yet; use FSDP v1 "
+                                      "with use_orig_params=True, or DDP")
+        if state.global_step > 0:
+            self._restore(args, state)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        params = self.pruner.lora_parameters()
+        fsdp = _find_fsdp(model)
+        if fsdp is None and all(p.grad is None for p in params):
+            raise RuntimeError(
+                "no LoRA gradients are visible at the optimizer step (DeepSpeed ZeRO keeps them in its own "
+                "partitioned buffers, so the groups cannot be scored); train with DDP or FSDP instead"
+            )
+        if fsdp is not None:
+            with type(fsdp).summon_full_params(fsdp, with_grads=True, writeback=False, recurse=True):
+                finite = self._grads_finite(params)
+                if finite:
+                    self.pruner.score()
+        else:
+            finite = self._grads_finite(params)
+            if finite:
+                self.pruner.score()
+        if finite:
+            self.bad_in_row = 0
+            return
+        self.bad_in_row += 1
+        self.skipped_steps += 1
+        for p in params:  # AdamW skips parameters without a gradient: the update is skipped
+            p.grad = None
+        warnings.warn(f"step {state.global_step + 1}: non-finite gradients; update skipped", RuntimeWarning,
+                      stacklevel=2)
+        if self.bad_in_row >= self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.bad_in_row} steps in a row had NaN/inf gradients; lower the learning rate (now "
+                f"{args.learning_rate}) or max_grad_norm, or check the data and the model's dtype"
+            )
+
+    @staticmethod
+    def _grads_finite(params) -> bool:
+        flags = torch.tensor([all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)],
+                             dtype=torch.uint8)
+        if _distributed():  # one decision for all ranks (they must skip together)
+            flags = _on_comm_device(flags)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        return bool(flags.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        updating = self.pruner.schedule.is_update(step)
+        self.pruner.step_end(step)
+        if updating and self.sync_masks and _distributed():
+            self._broadcast_masks()
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR
+            save_pruning_state(self.pruner, folder)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.pruner.schedule is not None and state.global_step < self.pruner.schedule.end:
+            log.warning("training stopped at step %d before the pruning schedule ended (step %d); finalize() "
+                        "jumps to the target masks", state.global_step, self.pruner.schedule.end)
+
+    # ---- internals ----------------------------------------------------------------------
+    def _broadcast_masks(self) -> None:
+        """Rank 0's masks everywhere (one packed uint8 tensor); count disagreements."""
+        masks = self.pruner.state.masks
+        local = torch.cat([m.to(torch.uint8) for m in masks.attn_keep + masks.mlp_keep])
+        packed = _on_comm_device(local.clone())
+        dist.broadcast(packed, src=0)
+        packed = packed.cpu()
+        if not torch.equal(packed, local):
+            self.mask_disagreements += 1
+            log.warning("rank %d: masks differed from rank 0's; using rank 0's", dist.get_rank())
+            pieces = packed.split([m.numel() for m in masks.attn_keep + masks.mlp_keep])
+            n = len(masks.attn_keep)
+            masks.attn_keep[:] = [p.bool() for p in pieces[:n]]
+            masks.mlp_keep[:] = [p.bool() for p in pieces[n:]]
+            self.pruner.apply_masks()
+
+    def _restore(self, args, state) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"resuming at step {state.global_step} but {folder} is missing: the checkpoint was not written with "
+                "LoRAPruneCallback; resume from a checkpoint it wrote, or start anew"
+            )
+        restore_pruning_state(self.pruner, folder)
+
+
+def _on_comm_device(t: torch.Tensor) -> torch.Tensor:
+    """NCCL only moves CUDA tensors; gloo works on CPU."""
+    if dist.get_backend() == "nccl":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
