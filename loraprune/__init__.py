@@ -20,6 +20,7 @@ from .groups import LayerGroups, build_layer_groups
 from .io import PrunedModelError, attach_export, load_pruned, save_pruned
 from .lora import LoRALinear
 from .masks import Masks
+from .oneshot import oneshot_prune
 from .prune import NonFiniteLossError, prune
 from .schedule import CubicSchedule
 from .state import PruningState
@@ -30,5 +31,5 @@ __all__ = [
     "ARCHS", "Allocation", "ArchSpec", "CRITERIA", "CheckpointError", "Checkpointer", "CubicSchedule", "DataError",
     "LayerGroups", "LoRALinear", "LoRAPruneCallback", "LoRAPruner", "Masks", "ModuleLayoutError", "NonFiniteLossError", "PrunedModelError",
     "PruningState", "UnsupportedArchitectureError", "allocate", "arch_for", "attach_export", "build_layer_groups",
-    "compact", "export_adapter", "load_pruned", "merge_lora", "prune", "save_pruned", "score_module",
+    "compact", "export_adapter", "load_pruned", "merge_lora", "oneshot_prune", "prune", "save_pruned", "score_module",
 ]

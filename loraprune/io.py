@@ -89,6 +89,16 @@ def attach_export(model: nn.Module) -> nn.Module:
         return model
     if uniform and _needs_mistral_export(model.config):
         return _as_mistral(model)
+    if uniform:
+        # A LLaMA with biases whose head count no longer divides hidden_size:
+        # neither LlamaConfig nor the bias-free Mistral can hold it, so it
+        # goes out as a per-layer model whose stock fields keep the original
+        # (valid) head counts and whose layers carry the real widths.
+        original = block.get("original") or {}
+        model.config.num_attention_heads = original["num_attention_heads"]
+        model.config.num_key_value_heads = original["num_key_value_heads"]
+        model.config.loraprune = dict(block, uniform=False, export="per-layer: LlamaConfig refuses hidden_size % "
+                                      "num_attention_heads != 0 and Mistral has no biases")
     cls = PER_LAYER_CLASSES.get(model.config.model_type)
     if cls is None:
         raise PrunedModelError(f"no per-layer export for model_type={model.config.model_type!r}")

@@ -178,3 +178,17 @@ def test_config_with_more_layers_than_the_weights_is_refused(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(PrunedModelError, match="missing_keys"):
         load_pruned(tmp_path / "m")
+
+
+def test_biased_llama_with_indivisible_head_count_goes_out_per_layer(tmp_path):
+    """Neither LlamaConfig (hidden % heads) nor Mistral (no biases) can hold it."""
+    model = tiny_model(hidden_size=40, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                       intermediate_size=24, attention_bias=True)
+    masks = loraprune.Masks([torch.tensor([True, True, True, False])] * 2, [torch.ones(24, dtype=torch.bool)] * 2)
+    loraprune.compact(model, masks)
+    want = _logits(model)
+    save_pruned(model, tmp_path / "m")
+    again = load_pruned(tmp_path / "m")
+    assert (_logits(again) - want).abs().max() <= 1e-5
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
+    assert (_logits(remote) - want).abs().max() <= 1e-5

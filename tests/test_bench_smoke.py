@@ -1,0 +1,113 @@
+"""Smoke-size run of every benchmark command (``python -m bench.run all --smoke``).
+
+Keeps the benchmarks working; asserts the JSON schema and that every ratio is
+finite and positive — never a timing or memory value (those depend on the
+machine and its load; the real figures live in bench/results/).
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import run as bench_run  # noqa: E402
+from loraprune.reference import resolve_data_dir  # noqa: E402
+
+
+def _data_dir() -> Path:
+    for cand in (resolve_data_dir(), ROOT / ".." / "shared" / "data"):
+        if (cand / "shakespeare").is_dir():
+            return cand.resolve()
+    raise FileNotFoundError("shared data folder not found beside the repository; set LORAPRUNE_DATA")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert bench_run.main(["all", "--smoke", "--out", str(out), "--data", str(_data_dir())]) == 0
+    return out
+
+
+def _load(out, name):
+    payload = json.loads((out / f"{name}.json").read_text())
+    assert payload["figure"] == name
+    assert payload["command"] and payload["date"] and payload["settings"]
+    assert payload["machine"]["nproc"] >= 1 and payload["machine"]["cpu"]
+    return payload
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_quality_json(results):
+    q = _load(results, "quality")
+    s = q["settings"]
+    assert not q["partial"]
+    expected = {(c, r, seed) for seed in s["seeds"] for r in s["ratios"] for c in s["criteria"]}
+    expected |= {(f"oneshot-{m}", r, seed) for seed in s["seeds"] for r in s["ratios"] for m in s["oneshot"]}
+    assert {(r["method"], r["ratio"], r["seed"]) for r in q["runs"]} == expected
+    windows = q["reference"]["windows"]
+    for run in q["runs"]:
+        assert abs(run["achieved_ratio"] - run["ratio"]) < 0.05
+        for name in ("shakespeare", "wikitext2", "ptb"):
+            for w in windows:
+                assert _positive(run["ratio_to_dense"][name][w])
+                assert run["ratio_to_dense"][name][w] == pytest.approx(
+                    run["perplexity"][name][w] / q["reference"]["dense"][name][w])
+    cell = q["summary"]["lora"]["0.5"]["shakespeare"]["w128"]
+    assert _positive(cell["mean"]) and cell["n"] == len(s["seeds"])
+    assert "lora_over_grad" in q["targets"]["0.5"]["shakespeare/w128"]
+    detail = q["details"][f"lora@0.5#{s['seeds'][0]}"]
+    assert len(detail["mlp_scores"]) == q["reference"]["config"]["num_hidden_layers"]
+    assert detail["trace"][-1][1] == pytest.approx(q["summary"]["lora"]["0.5"]["achieved_ratio"]["mean"])
+
+
+def test_memory_json(results):
+    m = _load(results, "memory")
+    kinds = {c["case"]["kind"] for c in m["cases"]}
+    assert kinds == {"criterion", "step"}
+    for case in m["cases"]:
+        assert case["peak_total_bytes"] > 0 and case["peak_extra_bytes"] >= 0
+    for row in m["summary"]["criterion"].values():
+        assert _positive(row["eager_over_ours"])
+    for row in m["summary"]["step"].values():
+        assert row["extra_lora_over_grad"] >= 0 and math.isfinite(row["total_change_lora_vs_grad"])
+
+
+def test_speed_json(results):
+    sp = _load(results, "speed")
+    for mode in ("prefill", "decode"):
+        models = sp[mode]["models"]
+        assert set(models) == {"dense", "0.2", "0.5"}
+        for name, row in models.items():
+            assert _positive(row["speedup"]) and _positive(row["ideal_speedup"])
+        assert models["dense"]["ideal_speedup"] == 1.0
+        # fewer parameters must mean fewer FLOPs: the ideal ratio grows with the pruning ratio
+        assert 1.0 < models["0.2"]["ideal_speedup"] < models["0.5"]["ideal_speedup"]
+        assert models["0.5"]["params"] < models["0.2"]["params"] < models["dense"]["params"]
+    for row in sp["pruning_step"].values():
+        assert _positive(row["lora_over_grad"])
+
+
+def test_plots_written(results):
+    for name in ("kept_per_layer", "scores_per_layer", "schedule", "ppl_vs_ratio", "memory", "speed"):
+        png = results / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flops_count_matches_hand_count():
+    """The ideal-speed-up denominator against a count by hand on a tiny model."""
+    from bench.speed import forward_flops
+    from tiny import tiny_model
+
+    model = tiny_model()  # hidden 32, 4 heads x 8, 2 KV heads, MLP 48, 2 layers, vocab 97
+    per_layer = 32 * 32 + 2 * (32 * 16) + 32 * 32 + 3 * 32 * 48
+    linear = 2 * per_layer + 32 * 97
+    seq = 5
+    attn = 2 * 4 * 32 * (seq * (seq + 1) / 2)
+    assert forward_flops(model, 3, seq) == pytest.approx(3 * (2 * linear * seq + attn))
