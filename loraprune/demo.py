@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-dir", help="the shared data folder (default: ../shared/data or $LORAPRUNE_DATA)")
     ap.add_argument("--ratio", type=float, default=0.5, help="fraction of decoder-projection parameters to remove")
     ap.add_argument("--criterion", default="lora", choices=["lora", "grad", "magnitude", "random"])
-    ap.add_argument("--steps", type=int, default=120, help="LoRA optimiser steps (pruning + recovery)")
+    ap.add_argument("--steps", type=int, default=200, help="LoRA optimiser steps (pruning + recovery)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--window", type=int, default=128, help="sequence length for training and evaluation")
