@@ -196,37 +196,18 @@ def evenly_spaced_windows(stream: torch.Tensor, window: int, max_windows: int | 
 
 
 # ------------------------------------------------------------- pruning traces
-@contextlib.contextmanager
-def recording_pruners():
-    """Collect the :class:`~loraprune.engine.LoRAPruner` that ``loraprune.prune`` builds, with
-    the removed-parameter fraction after every step, for the plots.
+class PruneRecorder:
+    """``on_step`` hook for :func:`loraprune.prune`: keeps the engine (final EMA
+    scores, masks, schedule) and the removed-parameter fraction after every
+    step, for the plots."""
 
-    ``prune`` returns only the compacted model; its final EMA scores and masks
-    and the schedule it followed live on the engine, so the benchmark wraps the
-    engine class for the duration of the call (behaviour unchanged).
-    """
-    import loraprune  # noqa: F401  (loads the submodule; the package attribute `prune` is the function)
+    def __init__(self):
+        self.pruner = None
+        self.trace: list[tuple[int, float]] = []
 
-    prune_module = sys.modules["loraprune.prune"]
-    base = prune_module.LoRAPruner
-    records = []
-
-    class RecordingPruner(base):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.trace: list[tuple[int, float]] = []
-            records.append(self)
-
-        def step_end(self, step):
-            changed = super().step_end(step)
-            self.trace.append((step, self.removed_params() / self.total_params))
-            return changed
-
-    prune_module.LoRAPruner = RecordingPruner
-    try:
-        yield records
-    finally:
-        prune_module.LoRAPruner = base
+    def __call__(self, step, pruner, loss):
+        self.pruner = pruner
+        self.trace.append((step, pruner.removed_params() / pruner.total_params))
 
 
 def stats_summary(values: list[float]) -> dict:

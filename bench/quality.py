@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .common import BenchSetup, read_json, recording_pruners, result_payload, stats_summary, write_json
+from .common import BenchSetup, PruneRecorder, read_json, result_payload, stats_summary, write_json
 
 EVAL_SETS = ("shakespeare", "wikitext2", "ptb")
 CRITERIA = ("lora", "grad", "magnitude", "random")
@@ -69,16 +69,16 @@ def _ratios_to(ppl: dict, dense: dict) -> dict:
     return {s: {w: ppl[s][w] / dense[s][w] for w in ppl[s]} for s in ppl}
 
 
-def _details(pruner) -> dict:
+def _details(recorder) -> dict:
     """Per-layer final EMA scores, kept indices and the removal trace of one iterative run."""
-    st = pruner.state
+    engine = recorder.pruner
+    st = engine.state
     return {
         "attn_scores": [s.tolist() for s in st.attn_score],
         "mlp_scores": [s.tolist() for s in st.mlp_score],
         "masks": st.masks.to_dict(),
-        "trace": pruner.trace,
-        "schedule": {"start": pruner.schedule.start, "end": pruner.schedule.end, "every": pruner.schedule.every}
-        if hasattr(pruner.schedule, "start") else None,
+        "trace": recorder.trace,
+        "schedule": {"start": engine.schedule.start, "end": engine.schedule.end, "every": engine.schedule.every},
     }
 
 
@@ -155,10 +155,10 @@ def run(setup: BenchSetup, settings: dict, resume: bool = True, log=_log) -> dic
                                        calib_batches=len(batches), seed=seed)
                 pruner = None
             else:
-                with recording_pruners() as rec:
-                    pruned = prune(model, batches, ratio, steps=settings["steps"], lr=settings["lr"], criterion=method,
-                                   seed=seed, ema=settings["ema"], prune_end=settings["prune_end"], progress=False)
-                pruner = rec[-1]
+                pruner = PruneRecorder()
+                pruned = prune(model, batches, ratio, steps=settings["steps"], lr=settings["lr"], criterion=method,
+                               seed=seed, ema=settings["ema"], prune_end=settings["prune_end"], progress=False,
+                               on_step=pruner)
             prune_s = time.perf_counter() - t0
             ppl = evaluate(pruned, streams, windows)
             rep = pruned.config.loraprune

@@ -73,6 +73,7 @@ def prune(
     checkpoint_every: int | None = None,
     resume: bool = False,
     merge: bool = True,
+    on_step=None,
 ) -> nn.Module:
     """Prune ``ratio`` of the decoder-projection parameters of ``model`` and return it compacted.
 
@@ -85,7 +86,10 @@ def prune(
     the end the masked groups are cut out and LoRA is merged: the returned
     model is the same object, smaller, with ``config.loraprune`` describing
     what was done. ``merge=False`` keeps the LoRA layers (gathered to the pruned
-    shapes) for :func:`loraprune.export_adapter`. See the README for every option.
+    shapes) for :func:`loraprune.export_adapter`. ``on_step(step, pruner, loss)`` is
+    called after every optimiser step (loss ``None`` for a skipped step): for
+    logging, or to read the engine's masks, EMA scores and schedule. See the
+    README for every option.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -140,6 +144,8 @@ def prune(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             pruner.step_end(step)
+            if on_step is not None:
+                on_step(step, pruner, loss)
             if loss is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", kept=f"{1 - pruner.removed_params() / pruner.total_params:.0%}")
             if ckpt is not None and ckpt.due(step):

@@ -163,3 +163,15 @@ def test_unsupported_architecture():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(loraprune.UnsupportedArchitectureError, match="Supported: llama"):
         loraprune.prune(model, random_batches(n=1, vocab=50), ratio=0.5, steps=1, progress=False)
+
+
+def test_on_step_hook_sees_every_step_and_the_schedule():
+    seen = []
+    loraprune.prune(tiny_model(), random_batches(n=2), ratio=0.5, steps=6, prune_end=4, prune_every=2,
+                    progress=False, on_step=lambda step, pruner, loss: seen.append(
+                        (step, pruner.removed_params() / pruner.total_params, loss)))
+    assert [s for s, _, _ in seen] == list(range(1, 7))
+    fractions = [f for _, f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0  # cubic: nothing before the first update
+    assert fractions[3] == pytest.approx(0.5, abs=0.01) and fractions[-1] == fractions[3]  # target at prune_end
+    assert all(loss is not None and loss > 0 for _, _, loss in seen)
