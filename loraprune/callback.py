@@ -173,8 +173,9 @@ class LoRAPruneCallback(TrainerCallback):
             return
         self.bad_in_row += 1
         self.skipped_steps += 1
-        for p in params:  # AdamW skips parameters without a gradient: the update is skipped
-            p.grad = None
+        # AdamW skips parameters without a gradient: the update is skipped; the
+        # frozen weights' gradients (``grad`` criterion) must not leak either
+        self.pruner.discard_grads()
         warnings.warn(f"step {state.global_step + 1}: non-finite gradients; update skipped", RuntimeWarning,
                       stacklevel=2)
         if self.bad_in_row >= self.max_bad_steps:

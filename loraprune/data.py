@@ -3,7 +3,7 @@
 Accepts what users have: an iterable of batches (dicts with ``input_ids`` and
 optionally ``attention_mask`` / ``labels``), a list of strings, local ``.txt``
 / ``.jsonl`` files or a folder of them, a ``datasets.Dataset`` with a text
-column, or a hub dataset name. Text is tokenised, documents joined by a blank
+column or a tokenized one with ``input_ids``, or a hub dataset name. Text is tokenised, documents joined by a blank
 line, cut into fixed windows and shuffled under the seed.
 
 This module is the one home of the text plumbing: the reference model,
@@ -174,24 +174,48 @@ def text_batches(rows: torch.Tensor, batch_size: int, seed: int) -> Iterator[dic
             yield {"input_ids": ids, "labels": ids}
 
 
+def _as_long_2d(name: str, value, n: int) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise DataError(f"batch {n}: {name} cannot be turned into a tensor ({err}); pad sequences to one length") from err
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2:
+        raise DataError(f"batch {n}: {name} must be (batch, seq) or (seq,), got shape {tuple(t.shape)}")
+    return t.long()
+
+
 def _check_batch(batch, n: int, config) -> dict:
+    """Tensors of shape (batch, seq) for input_ids / attention_mask / labels, causal-LM labels added."""
     if not isinstance(batch, dict) or "input_ids" not in batch:
         raise DataError(f"batch {n} is a {type(batch).__name__}; expected a dict with 'input_ids'")
-    ids = batch["input_ids"]
-    if not torch.is_tensor(ids):
-        ids = torch.as_tensor(ids)
-    if ids.dim() == 1:
-        ids = ids[None]
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels"):
+        if key in out and out[key] is not None:
+            out[key] = _as_long_2d(key, out[key], n)
+    ids = out["input_ids"]
     if ids.numel() == 0:
         raise DataError(f"batch {n} has empty input_ids")
+    for key in ("attention_mask", "labels"):
+        if key in out and out[key] is not None and out[key].shape != ids.shape:
+            raise DataError(f"batch {n}: {key} has shape {tuple(out[key].shape)}, input_ids {tuple(ids.shape)}")
     check_context(ids.shape[1], config)
-    out = dict(batch, input_ids=ids)
-    if "labels" not in out:
+    if out.get("labels") is None:
         labels = ids.clone()
-        if "attention_mask" in out:
-            labels = labels.masked_fill(torch.as_tensor(out["attention_mask"]) == 0, -100)
+        if out.get("attention_mask") is not None:
+            labels = labels.masked_fill(out["attention_mask"] == 0, -100)
         out["labels"] = labels
     return out
+
+
+def dataset_batches(ds, batch_size: int) -> list[dict]:
+    """Batches of a tokenized ``datasets.Dataset`` (an ``input_ids`` column, optionally
+    ``attention_mask``/``labels``), in order; shuffle the dataset first if wanted."""
+    cols = [c for c in ("input_ids", "attention_mask", "labels") if c in ds.column_names]
+    if len(ds) == 0:
+        raise DataError("the dataset is empty")
+    return [{c: ds[i:i + batch_size][c] for c in cols} for i in range(0, len(ds), batch_size)]
 
 
 def checked_batches(batches: Iterable, config) -> Iterator[dict]:
@@ -211,6 +235,8 @@ def make_batches(data, config, tokenizer=None, seq_len: int = 128, batch_size: i
     """An endless iterator of training batches from any accepted ``data``."""
     if data is None:
         raise DataError("data is required: pass batches, a list of strings (with tokenizer=), or text file paths")
+    if hasattr(data, "column_names") and "input_ids" in data.column_names:
+        return checked_batches(dataset_batches(data, batch_size), config)
     first = None
     if isinstance(data, (list, tuple)) and data:
         first = data[0]

@@ -20,7 +20,7 @@ from .archs import arch_for, decoder_layers, layer_projections, get_submodule
 from .compaction import compact
 from .criterion import check_criterion, needs_weight_grad, score_module
 from .groups import build_layer_groups, layer_projection_params
-from .lora import LoRALinear, unwrap_peft, wrap_linear
+from .lora import LoRALinear, is_peft_lora_layer, unwrap_peft, wrap_linear
 from .schedule import CubicSchedule
 from .state import PruningState
 
@@ -65,7 +65,7 @@ class LoRAPruner:
             raise ValueError("round_to applies per layer: use ranking='layer' with round_to > 1")
         self.total_params = sum(layer_projection_params(self.model, self.spec))
         self.allocation = allocate(self.layers, ratio, self.total_params, skip, round_to)
-        self.state = PruningState(self.layers, self.allocation, ema=ema, ranking=ranking)
+        self.state = PruningState(self.layers, self.allocation, ema=ema, ranking=ranking, skip=skip)
         self.schedule = schedule
         self.square = square
         self.normalize = normalize
@@ -75,6 +75,13 @@ class LoRAPruner:
             round_to=round_to, uniform=uniform, seed=seed,
         )
         self.modules = self._inject_lora(lora_r, lora_alpha, lora_dropout, seed)
+        leftover = [n for n, m in self.model.named_modules() if is_peft_lora_layer(m)]
+        if leftover:
+            raise ValueError(
+                f"the PeftModel has LoRA layers outside the decoder projections ({', '.join(leftover[:4])}); "
+                "loraprune continues adapters on q/k/v/o/gate/up/down only. Merge the others first "
+                "(e.g. peft_model.merge_and_unload()) or target only the projections"
+            )
         if criterion == "random":
             gen = torch.Generator().manual_seed(seed)
             self.state.observe(
@@ -132,6 +139,15 @@ class LoRAPruner:
                 for m in mods.values():
                     m.base.weight.grad = None
         self.state.observe(attn, mlp)
+
+    def discard_grads(self) -> None:
+        """Drop every gradient the engine's layers hold (LoRA factors and, for the
+        ``grad`` criterion, the frozen weights): a skipped step must not leak into
+        the next one."""
+        for mods in self.modules:
+            for m in mods.values():
+                m.lora_A.grad = m.lora_B.grad = None
+                m.base.weight.grad = None
 
     # ---- masks ------------------------------------------------------------------
     def apply_masks(self) -> None:

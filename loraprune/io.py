@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .lora import LoRALinear
+from .lora import LoRALinear, is_peft_lora_layer
 from .masks import Masks
 from .modeling_loraprune import PER_LAYER_CLASSES
 
@@ -177,7 +177,7 @@ def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=No
     refused: merge it (:func:`loraprune.merge_lora`) or export base and
     adapter apart (:func:`loraprune.export_adapter`).
     """
-    lora = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    lora = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) or is_peft_lora_layer(m)]
     if lora:
         raise PrunedModelError(
             f"the model still holds {len(lora)} LoRA layers (e.g. {lora[0]}); call loraprune.merge_lora(model) "

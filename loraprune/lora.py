@@ -107,7 +107,7 @@ class LoRALinear(nn.Module):
 
 def _peft_lora_parts(module: nn.Module):
     """(base, A, B, scaling, dropout_p, r) from a PEFT LoRA Linear, or None."""
-    if not (hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "lora_B")):
+    if not is_peft_lora_layer(module):
         return None
     adapters = list(getattr(module, "active_adapters", None) or module.lora_A.keys())
     if len(adapters) != 1:
@@ -118,6 +118,10 @@ def _peft_lora_parts(module: nn.Module):
     name = adapters[0]
     if getattr(module, "use_dora", {}).get(name, False):
         raise ValueError("DoRA adapters are not supported; merge them (merge_and_unload) before pruning")
+    lora_bias = getattr(module, "lora_bias", {})
+    if (isinstance(lora_bias, dict) and lora_bias.get(name)) or getattr(module.lora_B[name], "bias", None) is not None:
+        raise ValueError("LoRA adapters with a bias (lora_bias=True) are not supported; merge them first "
+                         "(model = model.merge_and_unload()) and prune the merged model")
     A = module.lora_A[name].weight.detach()
     B = module.lora_B[name].weight.detach()
     drop = module.lora_dropout[name]
@@ -140,6 +144,10 @@ def wrap_linear(module: nn.Module, r: int, alpha: float, dropout: float) -> LoRA
     if not isinstance(module, nn.Linear):
         raise ValueError(f"expected nn.Linear or a PEFT LoRA layer, found {type(module).__name__}")
     return LoRALinear(module, r=r, alpha=alpha, dropout=dropout)
+
+
+def is_peft_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "lora_B")
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

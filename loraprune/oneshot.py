@@ -233,7 +233,7 @@ def oneshot_plan(model, data, ratio, tokenizer=None, method="flap", calib_batche
     torch.manual_seed(seed)
     batches = make_batches(data, model.config, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed)
     stats = collect_input_stats(model, itertools.islice(batches, calib_batches), spec)
-    state = PruningState(layers, allocation, ema=0.0, ranking=ranking)
+    state = PruningState(layers, allocation, ema=0.0, ranking=ranking, skip=skip)
     state.observe(*group_scores(model, layers, stats, method, spec))
     state.update(1.0)
     return OneShotPlan(state.masks, stats, layers, total, skip)

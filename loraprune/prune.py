@@ -95,6 +95,10 @@ def prune(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if resume and not checkpoint_dir:
+        raise ValueError("resume=True needs checkpoint_dir=<the directory of the interrupted run>")
+    if checkpoint_dir and checkpoint_every is None:
+        checkpoint_every = max(1, steps // 10)
     torch.manual_seed(seed)
     schedule = CubicSchedule.for_run(steps, prune_start, prune_end, prune_every)
     pruner = LoRAPruner(
@@ -116,6 +120,11 @@ def prune(
     start = 0
     if ckpt is not None and resume:
         start = ckpt.restore(pruner, optimizer)
+    elif ckpt is not None and ckpt.complete():
+        raise FileExistsError(
+            f"{ckpt.dir} holds checkpoints of an earlier run; pass resume=True to continue it, "
+            "or remove them (or choose another checkpoint_dir) to start anew"
+        )
 
     use_cache = getattr(hf_model.config, "use_cache", None)
     hf_model.config.use_cache = False
@@ -130,7 +139,7 @@ def prune(
             loss = train_step(hf_model, pruner, next(batches), device)
             if loss is None:
                 bad_in_row += 1
-                optimizer.zero_grad(set_to_none=True)
+                pruner.discard_grads()
                 warnings.warn(f"step {step}: non-finite loss or gradients; update skipped", RuntimeWarning, stacklevel=2)
                 if bad_in_row >= max_bad_steps:
                     raise NonFiniteLossError(

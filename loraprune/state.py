@@ -17,7 +17,8 @@ from .masks import Masks
 
 
 class PruningState:
-    def __init__(self, layers: list[LayerGroups], allocation: Allocation, ema: float = 0.9, ranking: str = "layer"):
+    def __init__(self, layers: list[LayerGroups], allocation: Allocation, ema: float = 0.9, ranking: str = "layer",
+                 skip=frozenset()):
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
         if ranking not in ("layer", "global"):
@@ -26,6 +27,7 @@ class PruningState:
         self.allocation = allocation
         self.ema = ema
         self.ranking = ranking
+        self.skip = frozenset(skip)  # layers that keep everything, whatever their scores
         self.masks = Masks.full(layers)
         self.attn_score = [torch.zeros(lg.n_kv) for lg in layers]
         self.mlp_score = [torch.zeros(lg.n_channels) for lg in layers]
@@ -61,20 +63,23 @@ class PruningState:
                 self._drop_lowest(a_keep, self.attn_score[i], a_target - int((~a_keep).sum()))
                 self._drop_lowest(m_keep, self.mlp_score[i], m_target - int((~m_keep).sum()))
         else:
-            self._global_update(fraction, self.masks.attn_keep, self.attn_score, self.allocation.attn_remove)
-            self._global_update(fraction, self.masks.mlp_keep, self.mlp_score, self.allocation.mlp_remove)
+            self._global_update(fraction, self.masks.attn_keep, self.attn_score, self.allocation.attn_remove, self.skip)
+            self._global_update(fraction, self.masks.mlp_keep, self.mlp_score, self.allocation.mlp_remove, self.skip)
         return before != (self.masks.kept_kv(), self.masks.kept_channels())
 
     @staticmethod
-    def _global_update(fraction, keeps, scores, final_remove) -> None:
+    def _global_update(fraction, keeps, scores, final_remove, skip=frozenset()) -> None:
         """Remove the globally lowest-scoring groups of one kind, keeping at least
-        one group per layer; the total follows the schedule."""
+        one group per layer and every group of a skipped layer; the total follows
+        the schedule."""
         target = int(round(fraction * sum(final_remove)))
         need = target - sum(int((~k).sum()) for k in keeps)
         if need <= 0:
             return
         cand_layer, cand_idx, cand_score = [], [], []
         for i, (k, s) in enumerate(zip(keeps, scores)):
+            if i in skip:
+                continue
             idx = torch.nonzero(k).flatten()
             cand_layer.append(torch.full_like(idx, i))
             cand_idx.append(idx)

@@ -175,3 +175,68 @@ def test_on_step_hook_sees_every_step_and_the_schedule():
     assert fractions == sorted(fractions) and fractions[0] == 0.0  # cubic: nothing before the first update
     assert fractions[3] == pytest.approx(0.5, abs=0.01) and fractions[-1] == fractions[3]  # target at prune_end
     assert all(loss is not None and loss > 0 for _, _, loss in seen)
+
+
+def test_global_ranking_honours_skip_layers():
+    model = tiny_model(num_hidden_layers=4, intermediate_size=48)
+    pruned = loraprune.prune(model, random_batches(n=3), ratio=0.3, steps=6, ranking="global",
+                             skip_layers=[0, 3], progress=False)
+    widths = pruned.config.loraprune["layers"]
+    assert widths[0]["intermediate_size"] == widths[3]["intermediate_size"] == 48
+    assert widths[0]["num_key_value_heads"] == widths[3]["num_key_value_heads"] == 2
+    assert abs(pruned.config.loraprune["achieved_ratio"] - 0.3) <= 0.01
+
+
+def test_peft_lora_outside_the_projections_and_lora_bias_are_refused():
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="lm_head.*merge_and_unload"):
+        loraprune.LoRAPruner(pm, ratio=0.5)
+    pm = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
+    with pytest.raises(ValueError, match="lora_bias"):
+        loraprune.LoRAPruner(pm, ratio=0.5)
+
+
+def test_checkpoint_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        loraprune.prune(tiny_model(), random_batches(n=2), ratio=0.5, steps=2, resume=True, progress=False)
+    loraprune.prune(tiny_model(), random_batches(n=2), ratio=0.5, steps=4, checkpoint_dir=tmp_path, progress=False)
+    assert list((tmp_path / "checkpoints").glob("step-*"))  # checkpoint_every defaults to a tenth of steps
+    with pytest.raises(FileExistsError, match="resume=True"):
+        loraprune.prune(tiny_model(), random_batches(n=2), ratio=0.5, steps=4, checkpoint_dir=tmp_path,
+                        progress=False)
+
+
+def test_grad_criterion_skipped_step_leaves_no_weight_gradient():
+    model = tiny_model()
+    pruner = loraprune.LoRAPruner(model, ratio=0.5, criterion="grad")
+    batch = random_batches(n=1)[0]
+    model.train()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert pruner.modules[0]["q_proj"].weight.grad is not None
+    pruner.discard_grads()
+    assert all(m.weight.grad is None and m.lora_A.grad is None for mods in pruner.modules for m in mods.values())
+
+
+def test_user_batches_are_normalised():
+    import numpy as np
+
+    batches = [
+        {"input_ids": torch.randint(0, 97, (2, 8), dtype=torch.int32)},
+        {"input_ids": np.random.randint(0, 97, (2, 8)), "attention_mask": np.ones((2, 8), dtype=np.int64)},
+        {"input_ids": list(range(8)), "attention_mask": [1] * 8},
+    ]
+    pruned = loraprune.prune(tiny_model(), batches, ratio=0.5, steps=3, progress=False)
+    assert pruned.config.loraprune["steps"] == 3
+    with pytest.raises(DataError, match="attention_mask has shape"):
+        loraprune.prune(tiny_model(), [{"input_ids": torch.zeros(2, 8, dtype=torch.long),
+                                        "attention_mask": torch.ones(2, 7)}], ratio=0.5, steps=1, progress=False)
+
+
+def test_tokenized_dataset_is_accepted():
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"input_ids": torch.randint(0, 97, (6, 12)).tolist()})
+    pruned = loraprune.prune(tiny_model(), ds, ratio=0.5, steps=3, batch_size=2, progress=False)
+    assert pruned.config.loraprune["steps"] == 3
