@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .errors import LoRAPruneError
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -65,11 +67,11 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(LoRAPruneError):
     """The model's architecture has no group definition in :data:`ARCHS`."""
 
 
-class ModuleLayoutError(ValueError):
+class ModuleLayoutError(LoRAPruneError):
     """The model does not have the modules its architecture row promises."""
 
 

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import LoRAPruneError
+
 FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LoRAPruneError):
     """A checkpoint cannot be used to resume this run; the message says why."""
 
 

@@ -19,12 +19,14 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .errors import LoRAPruneError
+
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 #: Separator placed between documents before tokenizing (as the papers' eval scripts).
 DOC_SEPARATOR = "\n\n"
 
 
-class DataError(ValueError):
+class DataError(LoRAPruneError):
     """The data given to prune/eval cannot be used; the message says why and what to pass."""
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .errors import LoRAPruneError
+
 from .lora import LoRALinear, is_peft_lora_layer
 from .masks import Masks
 from .modeling_loraprune import PER_LAYER_CLASSES
@@ -36,7 +38,7 @@ from .modeling_loraprune import PER_LAYER_CLASSES
 MASKS_FILE = "loraprune_masks.json"
 
 
-class PrunedModelError(ValueError):
+class PrunedModelError(LoRAPruneError):
     """A directory does not hold a loadable loraprune model; the message says why."""
 
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .data import make_batches
+from .errors import LoRAPruneError
 from .engine import LoRAPruner
 from .io import attach_export
 from .schedule import CubicSchedule
@@ -17,7 +18,7 @@ from .schedule import CubicSchedule
 log = logging.getLogger("loraprune")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(LoRAPruneError, RuntimeError):
     """Training produced NaN/inf too many steps in a row."""
 
 

@@ -1,0 +1,188 @@
+"""Every option of a pruning run, in one place.
+
+:class:`PruneConfig` is the single home of the options: each field carries its
+type, default and help text, and :meth:`PruneConfig.validate` checks them all
+before any work starts. :func:`loraprune.prune`, the CLI (whose flags are
+generated from these fields), the Trainer callback, the demo, the checkpoint
+compatibility check and the report all read it, so a new option is written
+once. Modelled on PEFT's ``LoraConfig``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+
+from .errors import ConfigError
+
+#: Names accepted by ``criterion``; the classes live in :mod:`loraprune.criterion`.
+CRITERION_NAMES = ("lora", "grad", "magnitude", "random")
+NORMALIZE = (None, "module", "l2")
+RANKINGS = ("layer", "global")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _opt(default, help: str, *, cli: bool = True, choices=None, **kw):
+    """A dataclass field with its help text (and CLI choices) as metadata."""
+    meta = {"help": help, "cli": cli}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class PruneConfig:
+    """Options of :func:`loraprune.prune` (see each field's ``help``).
+
+    ``PruneConfig(ratio=0.3, steps=400)`` or ``prune(model, data, config, steps=50)``
+    (keyword overrides win). :meth:`replace` returns a validated copy.
+    """
+
+    ratio: float = _opt(0.5, "fraction of the decoder layers' projection parameters (q, k, v, o, gate, up, down, "
+                             "biases included) to remove; the result lands within 1%% (reported as achieved_ratio)")
+    steps: int = _opt(200, "LoRA optimiser steps: pruning and recovery happen in the same run")
+    lr: float = _opt(2e-4, "AdamW learning rate of the LoRA factors")
+    lr_schedule: str = _opt("constant", "learning-rate schedule over the run: constant, linear decay to 0, or cosine "
+                                        "decay to 0", choices=LR_SCHEDULES)
+    lora_r: int = _opt(8, "LoRA rank (ignored for layers that already carry a PEFT adapter: it is continued)")
+    lora_alpha: float = _opt(16.0, "LoRA alpha: the update is scaled by alpha/r")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
+    criterion: str = _opt("lora", "importance criterion: lora (paper Eq. 10, from LoRA gradients only), grad "
+                                  "(full-gradient Taylor, needs the weight gradient: the memory baseline), magnitude, "
+                                  "random", choices=CRITERION_NAMES)
+    square: bool = _opt(False, "square the element score (the paper's formula) instead of the absolute value "
+                               "(the official code's choice)")
+    normalize: str | None = _opt(None, "per-projection normalisation of group scores before q/k/v/o (gate/up/down) "
+                                       "are added: none, 'module' (divide by the sum) or 'l2' (divide by the L2 norm, "
+                                       "as the official code)", choices=NORMALIZE)
+    ema: float = _opt(0.9, "EMA factor of the group scores, I <- ema*I + (1-ema)*I_step")
+    prune_start: float = _opt(0.0, "first step of the cubic schedule (a fraction of steps, or a step number); "
+                                    "LoRA trains on the dense model before it")
+    prune_end: float = _opt(0.75, "step at which the final mask is reached (fraction or step number); the steps "
+                                  "after it are recovery on the final mask")
+    prune_every: int | None = _opt(None, "steps between mask updates (default: a tenth of the pruning span)")
+    skip_layers: object = _opt(None, "layers that keep everything: indices, or 'paper' (first 10%% and the last layer)")
+    ranking: str = _opt("layer", "'layer': every layer removes the same share (uniform model); 'global': rank KV "
+                                 "groups and channels across layers", choices=RANKINGS)
+    round_to: int = _opt(1, "keep a multiple of this many MLP channels per layer (8/64/128 for tensor cores)")
+    uniform: bool = _opt(False, "insist on the same widths in every layer")
+    seq_len: int = _opt(128, "tokens per training window cut from text data")
+    batch_size: int = _opt(4, "windows per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimiser step (and per score observation)")
+    distill: float = _opt(0.0, "weight of self-distillation: the loss is (1-distill)*LM + distill*KL(dense || pruned), "
+                               "the dense teacher being the same frozen weights with LoRA and masks off")
+    distill_temperature: float = _opt(1.0, "softmax temperature of the distillation loss")
+    weight_decay: float = _opt(0.0, "AdamW weight decay of the LoRA factors")
+    max_grad_norm: float | None = _opt(1.0, "gradient clipping of the LoRA factors (0 or None: off)")
+    max_bad_steps: int = _opt(5, "this many NaN/inf steps in a row stop the run with NonFiniteLossError")
+    seed: int = _opt(0, "seed of everything (LoRA init, data order, dropout, random criterion)")
+    merge: bool = _opt(True, "merge LoRA into the pruned weights (False keeps it, for export_adapter)")
+    progress: bool = _opt(True, "show a progress bar", cli=False)
+    checkpoint_dir: str | None = _opt(None, "save the pruning state here every checkpoint_every steps", cli=False)
+    checkpoint_every: int | None = _opt(None, "steps between checkpoints (default a tenth of steps)")
+    resume: bool = _opt(False, "continue from the newest checkpoint in checkpoint_dir", cli=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- validation -----------------------------------------------------------
+    def validate(self) -> "PruneConfig":
+        """Check every option; raise :class:`ConfigError` naming the fix."""
+        def num(name, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            kind = numbers.Integral if integer else numbers.Real
+            if isinstance(v, bool) or not isinstance(v, kind) or (not integer and not math.isfinite(v)):
+                raise ConfigError(f"{name} must be {'an integer' if integer else 'a finite number'}, got {v!r}")
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+            if hi is not None and (v >= hi if hi_open else v > hi):
+                raise ConfigError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v!r}")
+
+        def choice(name, options):
+            v = getattr(self, name)
+            if v not in options:
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, options))}; got {v!r}")
+
+        num("ratio", 0, 1, lo_open=True, hi_open=True)
+        num("steps", 1, integer=True)
+        num("lr", 0, lo_open=True)
+        choice("lr_schedule", LR_SCHEDULES)
+        num("lora_r", 1, integer=True)
+        num("lora_alpha", 0, lo_open=True)
+        num("lora_dropout", 0, 1, hi_open=True)
+        choice("criterion", CRITERION_NAMES)
+        choice("normalize", NORMALIZE)
+        num("ema", 0, 1, hi_open=True)
+        for name in ("prune_start", "prune_end"):
+            num(name, 0)
+        num("prune_every", 1, integer=True, allow_none=True)
+        choice("ranking", RANKINGS)
+        num("round_to", 1, integer=True)
+        num("seq_len", 2, integer=True)
+        num("batch_size", 1, integer=True)
+        num("grad_accum", 1, integer=True)
+        num("distill", 0, 1)
+        num("distill_temperature", 0, lo_open=True)
+        num("weight_decay", 0)
+        num("max_grad_norm", 0, allow_none=True)
+        num("max_bad_steps", 1, integer=True)
+        num("seed", 0, integer=True)
+        num("checkpoint_every", 1, integer=True, allow_none=True)
+        for name in ("square", "uniform", "merge", "progress", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("resume=True needs checkpoint_dir=<the directory of the interrupted run>")
+        if self.uniform and (self.skip_layers or self.ranking != "layer"):
+            raise ConfigError("uniform=True needs every layer pruned alike: drop skip_layers and use ranking='layer'")
+        if self.ranking == "global" and self.round_to > 1:
+            raise ConfigError("round_to applies per layer: use ranking='layer' with round_to > 1")
+        return self
+
+    # ---- construction -----------------------------------------------------------
+    @classmethod
+    def from_kwargs(cls, config: "PruneConfig | None" = None, **overrides) -> "PruneConfig":
+        """``config`` (or the defaults) with ``overrides`` applied; unknown names are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            import difflib
+
+            hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, known, 1)) else repr(u)
+                     for u in unknown]
+            raise ConfigError(f"unknown option(s) {', '.join(hints)}; see loraprune.PruneConfig for the options")
+        if config is None:
+            return cls(**overrides)
+        if not isinstance(config, cls):
+            raise TypeError(f"config must be a loraprune.PruneConfig, got {type(config).__name__}")
+        return dataclasses.replace(config, **overrides)
+
+    def replace(self, **overrides) -> "PruneConfig":
+        return self.from_kwargs(self, **overrides)
+
+    def to_dict(self) -> dict:
+        """JSON-able options (for the report, checkpoints and ``config.loraprune``)."""
+        out = dataclasses.asdict(self)
+        if isinstance(out["skip_layers"], (set, tuple, frozenset)):
+            out["skip_layers"] = sorted(out["skip_layers"])
+        return out
+
+    @classmethod
+    def fields_help(cls) -> list[tuple[str, object, str]]:
+        """``(name, default, help)`` of every option, in declaration order (README table, CLI)."""
+        out = []
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((f.name, default, f.metadata["help"].replace("%%", "%")))
+        return out
+
+
+#: Options that change which groups are pruned or how LoRA trains: a checkpoint
+#: written under other values cannot be resumed (progress/merge/checkpointing can differ).
+RUN_DEFINING = tuple(f.name for f in fields(PruneConfig)
+                     if f.name not in ("progress", "merge", "checkpoint_dir", "checkpoint_every", "resume"))

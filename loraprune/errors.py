@@ -1,0 +1,16 @@
+"""The project's error classes.
+
+Every problem a user can fix (an option, the data, the model, a directory)
+raises a :class:`LoRAPruneError` whose message names the fix. It subclasses
+``ValueError`` so existing ``except ValueError`` code keeps working, while the
+CLI catches only ``LoRAPruneError`` and lets real bugs show their traceback.
+"""
+from __future__ import annotations
+
+
+class LoRAPruneError(ValueError):
+    """A user-fixable problem; the message says what to change."""
+
+
+class ConfigError(LoRAPruneError):
+    """An option of :class:`~loraprune.config.PruneConfig` is out of range or contradicts another."""
