@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import ConfigError
 from .groups import LayerGroups
 
 
@@ -66,6 +67,10 @@ def allocate(
         raise ValueError(f"ratio must be in (0, 1) — the fraction of decoder-projection parameters to remove; got {ratio}")
     if round_to < 1:
         raise ValueError(f"round_to must be >= 1, got {round_to}")
+    widest = max(lg.n_channels for lg in layers)
+    if round_to > widest:
+        raise ConfigError(f"round_to={round_to} is larger than the MLP width ({widest} channels); use a divisor "
+                          "of the width such as 8, 64 or 128")
     prunable = [lg for lg in layers if lg.layer not in skip]
     if not prunable:
         raise ValueError("every layer is skipped; nothing can be pruned (shorten skip_layers)")
@@ -88,4 +93,13 @@ def allocate(
         kept = _round_kept(lg.n_channels - m, lg.n_channels, round_to)
         attn_remove.append(a)
         mlp_remove.append(lg.n_channels - kept)
-    return Allocation(attn_remove, mlp_remove, total_params, ratio)
+    out = Allocation(attn_remove, mlp_remove, total_params, ratio)
+    achieved = out.achieved_ratio(layers)
+    if round_to == 1 and achieved < ratio - 0.01:
+        most = sum((lg.n_kv - 1) * lg.attn_cost + (lg.n_channels - 1) * lg.mlp_cost for lg in prunable) / total_params
+        raise ConfigError(
+            f"ratio={ratio} cannot be reached: every layer keeps at least one KV group and one MLP channel, so at most "
+            f"{most:.3f} of the projection parameters can go (this plan reaches {achieved:.3f}); lower the ratio"
+            + (" or skip fewer layers" if skip else "")
+        )
+    return out

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, fields
 from .errors import ConfigError
 
 #: Names accepted by ``criterion``; the classes live in :mod:`loraprune.criterion`.
-CRITERION_NAMES = ("lora", "grad", "magnitude", "random")
+CRITERION_NAMES = ("lora", "grad", "magnitude", "random", "fisher", "taylor")
 NORMALIZE = (None, "module", "l2")
-RANKINGS = ("layer", "global")
+RANKINGS = ("layer", "global", "adaptive")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -45,28 +45,32 @@ class PruneConfig:
                              "biases included) to remove; the result lands within 1%% (reported as achieved_ratio)")
     steps: int = _opt(200, "LoRA optimiser steps: pruning and recovery happen in the same run")
     lr: float = _opt(2e-4, "AdamW learning rate of the LoRA factors")
-    lr_schedule: str = _opt("constant", "learning-rate schedule over the run: constant, linear decay to 0, or cosine "
+    lr_schedule: str = _opt("linear", "learning-rate schedule over the run: constant, linear decay to 0, or cosine "
                                         "decay to 0", choices=LR_SCHEDULES)
     lora_r: int = _opt(8, "LoRA rank (ignored for layers that already carry a PEFT adapter: it is continued)")
     lora_alpha: float = _opt(16.0, "LoRA alpha: the update is scaled by alpha/r")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
     criterion: str = _opt("lora", "importance criterion: lora (paper Eq. 10, from LoRA gradients only), grad "
-                                  "(full-gradient Taylor, needs the weight gradient: the memory baseline), magnitude, "
-                                  "random", choices=CRITERION_NAMES)
+                                  "(full-gradient Taylor, needs the weight gradient: the memory baseline), fisher "
+                                  "(per-sequence squared mask gradient of each whole group, from activations), taylor "
+                                  "(its absolute batch sum), magnitude, random", choices=CRITERION_NAMES)
     square: bool = _opt(False, "square the element score (the paper's formula) instead of the absolute value "
                                "(the official code's choice)")
     normalize: str | None = _opt(None, "per-projection normalisation of group scores before q/k/v/o (gate/up/down) "
                                        "are added: none, 'module' (divide by the sum) or 'l2' (divide by the L2 norm, "
                                        "as the official code)", choices=NORMALIZE)
     ema: float = _opt(0.9, "EMA factor of the group scores, I <- ema*I + (1-ema)*I_step")
-    prune_start: float = _opt(0.0, "first step of the cubic schedule (a fraction of steps, or a step number); "
-                                    "LoRA trains on the dense model before it")
+    prune_start: float = _opt(0.1, "first step of the cubic schedule (a fraction of steps, or a step number); "
+                                    "LoRA trains on the dense model before it (warm-up: with B = 0 the first LoRA "
+                                    "gradients see little)")
     prune_end: float = _opt(0.75, "step at which the final mask is reached (fraction or step number); the steps "
                                   "after it are recovery on the final mask")
-    prune_every: int | None = _opt(None, "steps between mask updates (default: a tenth of the pruning span)")
+    prune_every: int | None = _opt(None, "steps between mask updates (default: a twentieth of the pruning span, "
+                                         "so that each update removes a few percent)")
     skip_layers: object = _opt(None, "layers that keep everything: indices, or 'paper' (first 10%% and the last layer)")
     ranking: str = _opt("layer", "'layer': every layer removes the same share (uniform model); 'global': rank KV "
-                                 "groups and channels across layers", choices=RANKINGS)
+                                 "groups and channels across layers; 'adaptive': one ranking of all groups by score "
+                                 "per parameter across layers and between attention and MLP (per-layer model)", choices=RANKINGS)
     round_to: int = _opt(1, "keep a multiple of this many MLP channels per layer (8/64/128 for tensor cores)")
     uniform: bool = _opt(False, "insist on the same widths in every layer")
     seq_len: int = _opt(128, "tokens per training window cut from text data")
@@ -140,7 +144,7 @@ class PruneConfig:
             raise ConfigError("resume=True needs checkpoint_dir=<the directory of the interrupted run>")
         if self.uniform and (self.skip_layers or self.ranking != "layer"):
             raise ConfigError("uniform=True needs every layer pruned alike: drop skip_layers and use ranking='layer'")
-        if self.ranking == "global" and self.round_to > 1:
+        if self.ranking != "layer" and self.round_to > 1:
             raise ConfigError("round_to applies per layer: use ranking='layer' with round_to > 1")
         return self
 

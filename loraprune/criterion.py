@@ -21,6 +21,18 @@ and columns (o/down) over each group:
   ``|∇W ⊙ W'|``. Needs ∇W, a weight-sized gradient per projection.
 * ``magnitude``: ``|W'|``.
 
+Group criteria (``fisher``, ``taylor``) score whole groups at once, from
+the activations entering o_proj (one slice per KV group) and down_proj (one
+column per channel) and their gradients, which the backward pass computes
+anyway. Zeroing a group's slice ``h_g`` is exactly removing the group, so
+``-Σ h_g·∂L/∂h_g`` is the first-order change of the loss (the gradient of a
+mask on the group). ``taylor`` takes the absolute value of its sum over the
+step's tokens; ``fisher`` sums its square per sequence (the empirical Fisher of
+the mask, Kwon et al. 2022), which does not cancel across sequences. Both cost
+activation-sized temporaries, never a weight-sized one, and see input-side
+groups (o_proj/down_proj columns) that the LoRA estimate sees poorly while B is
+small.
+
 ``random`` draws seeded group scores once.
 """
 from __future__ import annotations
@@ -211,11 +223,77 @@ class RandomImportance(Importance):
         return None
 
 
+class MaskGradientImportance(Importance):
+    """First-order score of removing each whole group, from activations and their gradients.
+
+    ``reduce="fisher"``: ``Σ_sequences (Σ_tokens h_g·∂L/∂h_g)²``;
+    ``reduce="taylor"``: ``|Σ_sequences,tokens h_g·∂L/∂h_g|``. Hooks on the inputs of
+    o_proj and down_proj gather the per-sequence sums during backward; gradient
+    accumulation adds micro-batches up until :meth:`scores` reads them.
+    """
+
+    def __init__(self, reduce: str = "fisher"):
+        if reduce not in ("fisher", "taylor"):
+            raise ConfigError(f"reduce must be 'fisher' or 'taylor', got {reduce!r}")
+        self.reduce = reduce
+        self.name = reduce
+        self._handles = []
+        self._attn: list[torch.Tensor | None] = []
+        self._mlp: list[torch.Tensor | None] = []
+
+    def attach(self, pruner):
+        s = pruner.spec
+        n = len(pruner.layers)
+        self._attn, self._mlp = [None] * n, [None] * n
+        for i, (lg, mods) in enumerate(zip(pruner.layers, pruner.modules)):
+            self._handles.append(mods[s.o].register_forward_pre_hook(self._hook(self._attn, i, lg.n_kv)))
+            self._handles.append(mods[s.down].register_forward_pre_hook(self._hook(self._mlp, i, None)))
+
+    def detach(self, pruner):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, store: list, i: int, n_groups: int | None):
+        def pre_hook(module, args):
+            x = args[0]
+            if not (torch.is_grad_enabled() and x.requires_grad):
+                return  # the teacher's or an evaluation forward
+
+            def on_grad(g):
+                per_seq = (x.detach().float() * g.float()).reshape(-1, *x.shape[-2:]).sum(1)  # (B, D)
+                if n_groups is not None:
+                    per_seq = per_seq.view(per_seq.shape[0], n_groups, -1).sum(-1)  # (B, KV groups)
+                part = per_seq.square().sum(0) if self.reduce == "fisher" else per_seq.sum(0)
+                store[i] = part if store[i] is None else store[i] + part
+
+            x.register_hook(on_grad)
+        return pre_hook
+
+    def scores(self, pruner):
+        if any(t is None for t in self._attn + self._mlp):
+            return None  # no backward reached every layer this step
+        post = (lambda t: t) if self.reduce == "fisher" else torch.abs
+        attn = [post(t) for t in self._attn]
+        mlp = [post(t) for t in self._mlp]
+        self.clear(pruner)
+        return attn, mlp
+
+    def clear(self, pruner):
+        self._attn[:] = [None] * len(self._attn)
+        self._mlp[:] = [None] * len(self._mlp)
+
+    def __repr__(self) -> str:
+        return f"MaskGradientImportance(reduce={self.reduce!r})"
+
+
 REGISTRY: dict[str, type[Importance]] = {
     "lora": LoRAImportance,
     "grad": GradImportance,
     "magnitude": MagnitudeImportance,
     "random": RandomImportance,
+    "fisher": MaskGradientImportance,
+    "taylor": MaskGradientImportance,
 }
 assert set(REGISTRY) == set(CRITERION_NAMES), "config.CRITERION_NAMES and criterion.REGISTRY must agree"
 
@@ -229,6 +307,8 @@ def make_importance(config) -> Importance:
         return cls(square=config.square, normalize=config.normalize)
     if cls is RandomImportance:
         return cls(seed=config.seed)
+    if cls is MaskGradientImportance:
+        return cls(reduce=config.criterion)
     return cls()
 
 

@@ -24,7 +24,7 @@ from .archs import arch_for, decoder_layers, layer_projections, get_submodule
 from .compaction import compact
 from .config import RUN_DEFINING, PruneConfig
 from .criterion import Importance, make_importance
-from .errors import ConfigError
+from .errors import ConfigError, LoRAPruneError
 from .groups import build_layer_groups, layer_projection_params
 from .lora import LoRALinear, is_peft_lora_layer, unwrap_peft, wrap_linear
 from .schedule import CubicSchedule
@@ -50,6 +50,9 @@ class LoRAPruner:
         self.config = cfg
         self.model = unwrap_peft(model)
         # ---- plan (reads the model, changes nothing) ----
+        if any(p.is_meta for p in self.model.parameters()):
+            raise LoRAPruneError("the model's weights are on the meta device (built without weights, e.g. under "
+                                 "init_empty_weights or device_map='meta'); load its weights before pruning")
         self.spec = arch_for(self.model)
         self.layers = build_layer_groups(self.model, self.spec)
         skip = resolve_skip(cfg.skip_layers, len(self.layers))
@@ -57,6 +60,11 @@ class LoRAPruner:
             shapes = {(lg.n_kv, lg.n_channels) for lg in self.layers}
             if len(shapes) > 1:
                 raise ConfigError(f"uniform=True needs layers of one shape; this model's layers have widths {sorted(shapes)}")
+        smallest = min(min(m.weight.shape) for layer in decoder_layers(self.model, self.spec)
+                       for m in layer_projections(layer, self.spec).values())
+        if cfg.lora_r > smallest:
+            raise ConfigError(f"lora_r={cfg.lora_r} is larger than the smallest projection dimension ({smallest}); a "
+                              f"rank above it adds nothing: use lora_r <= {smallest}")
         self.total_params = sum(layer_projection_params(self.model, self.spec))
         self.allocation = allocate(self.layers, cfg.ratio, self.total_params, skip, cfg.round_to)
         self.state = PruningState(self.layers, self.allocation, ema=cfg.ema, ranking=cfg.ranking, skip=skip)

@@ -142,7 +142,8 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
     torch.manual_seed(cfg.seed)
     pruner = LoRAPruner(model, cfg, schedule=schedule)
     hf_model = pruner.model
-    use_cache = getattr(hf_model.config, "use_cache", None)
+    given_config = hf_model.config  # finalize() gives the pruned model a copy of its own
+    use_cache = getattr(given_config, "use_cache", None)
     was_training = hf_model.training
     try:
         pruned = _run(pruner, batches, cfg, schedule, on_step)
@@ -152,7 +153,7 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
         raise
     finally:
         if use_cache is not None:
-            hf_model.config.use_cache = use_cache
+            given_config.use_cache = hf_model.config.use_cache = use_cache
     rep = pruned.config.loraprune
     log.info("loraprune: removed %.2f%% of decoder-projection parameters (target %.2f%%)",
              100 * rep["achieved_ratio"], 100 * cfg.ratio)

@@ -35,7 +35,7 @@ class CubicSchedule:
         if e <= s:
             raise ValueError(f"pruning must end after it starts and within {steps} steps (start={s}, end={e})")
         if every is None:
-            every = max(1, (e - s) // 10)
+            every = max(1, (e - s) // 20)
         return cls(s, e, every)
 
     def fraction(self, step: int) -> float:

@@ -26,8 +26,8 @@ class PruningState:
                  skip=frozenset()):
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
-        if ranking not in ("layer", "global"):
-            raise ValueError(f"ranking must be 'layer' or 'global', got {ranking!r}")
+        if ranking not in ("layer", "global", "adaptive"):
+            raise ValueError(f"ranking must be 'layer', 'global' or 'adaptive', got {ranking!r}")
         self.layers = layers
         self.allocation = allocation
         self.ema = ema
@@ -67,6 +67,8 @@ class PruningState:
                 a_keep, m_keep = self.masks.attn_keep[i], self.masks.mlp_keep[i]
                 self._drop_lowest(a_keep, self.attn_score[i], a_target - int((~a_keep).sum()))
                 self._drop_lowest(m_keep, self.mlp_score[i], m_target - int((~m_keep).sum()))
+        elif self.ranking == "adaptive":
+            self._adaptive_update(fraction)
         else:
             self._global_update(fraction, self.masks.attn_keep, self.attn_score, self.allocation.attn_remove, self.skip)
             self._global_update(fraction, self.masks.mlp_keep, self.mlp_score, self.allocation.mlp_remove, self.skip)
@@ -102,6 +104,66 @@ class PruningState:
             keeps[li][index_of[j]] = False
             left[li] -= 1
             need -= 1
+
+    #: adaptive ranking: no layer gives up more than this share of its projection
+    #: parameters, and the first and last layers (the most sensitive, in LLM-Pruner's
+    #: and the official code's experience) no more than half the overall ratio.
+    MAX_LAYER_SHARE = 0.9
+    EDGE_LAYER_FACTOR = 0.5
+
+    def _layer_caps(self) -> list[float]:
+        total = self.allocation.removed_params(self.layers)
+        ratio = total / max(1, sum(lg.params for lg in self.layers))
+        n = len(self.layers)
+        caps = []
+        for i, lg in enumerate(self.layers):
+            if i in self.skip:
+                caps.append(0.0)
+                continue
+            share = min(self.MAX_LAYER_SHARE, 2.0 * ratio)
+            if n > 2 and i in (0, n - 1):
+                share = self.EDGE_LAYER_FACTOR * ratio
+            caps.append(share * lg.params)
+        return caps
+
+    def _adaptive_update(self, fraction: float) -> None:
+        """Score-driven allocation across layers *and* between attention and MLP.
+
+        All remaining KV groups and channels compete in one ranking by score per
+        parameter (the cost of keeping them), so removal follows where the loss
+        cares least: a knapsack, solved greedily. The parameter total follows the
+        schedule and lands within half a group of the allocation's total; a
+        layer keeps at least one KV group and one channel and stays under its cap
+        (:meth:`_layer_caps`).
+        """
+        target = fraction * self.allocation.removed_params(self.layers)
+        removed = [(lg.n_kv - int(a.sum())) * lg.attn_cost + (lg.n_channels - int(m.sum())) * lg.mlp_cost
+                   for lg, a, m in zip(self.layers, self.masks.attn_keep, self.masks.mlp_keep)]
+        need = target - sum(removed)
+        if need <= 0:
+            return
+        caps = self._layer_caps()
+        cands = []  # (score per parameter, kind, layer, index, cost)
+        for i, lg in enumerate(self.layers):
+            if i in self.skip:
+                continue
+            for kind, keep, score, cost in (("attn", self.masks.attn_keep[i], self.attn_score[i], lg.attn_cost),
+                                            ("mlp", self.masks.mlp_keep[i], self.mlp_score[i], lg.mlp_cost)):
+                idx = torch.nonzero(keep).flatten()
+                for j, v in zip(idx.tolist(), (score[idx] / cost).tolist()):
+                    cands.append((v, kind, i, j, cost))
+        cands.sort(key=lambda c: c[0])
+        left = {("attn", i): int(a.sum()) for i, a in enumerate(self.masks.attn_keep)}
+        left.update({("mlp", i): int(m.sum()) for i, m in enumerate(self.masks.mlp_keep)})
+        for _, kind, i, j, cost in cands:
+            if need <= 0:
+                break
+            if left[(kind, i)] <= 1 or removed[i] + cost > caps[i] or cost > need + cost / 2:
+                continue  # keep one of each per layer; layer cap; no overshoot by more than half a group
+            (self.masks.attn_keep if kind == "attn" else self.masks.mlp_keep)[i][j] = False
+            left[(kind, i)] -= 1
+            removed[i] += cost
+            need -= cost
 
     # ---- checkpoint ---------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:

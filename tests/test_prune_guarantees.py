@@ -1,0 +1,101 @@
+"""What prune() promises beyond the result: a failed call leaves the model exactly as it
+was; the pruned model owns its config; an already pruned model prunes again, counted
+against what it was given; the callback saves the masks it cut."""
+import warnings
+
+import pytest
+import torch
+
+import loraprune
+from loraprune.data import DataError
+from loraprune.prune import NonFiniteLossError
+from tiny import random_batches, tiny_config, tiny_model
+
+
+def _snapshot(model):
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            {n: type(m).__name__ for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            model.config.to_dict())
+
+
+def _assert_intact(model, snap):
+    sd, kinds, flags, cfg = snap
+    now = model.state_dict()
+    assert now.keys() == sd.keys()
+    for k in sd:
+        torch.testing.assert_close(now[k], sd[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    assert {n: type(m).__name__ for n, m in model.named_modules()} == kinds
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert model.config.to_dict() == cfg
+
+
+def _failing_data():
+    yield from random_batches(n=2)
+    raise OSError("disk went away")
+
+
+def _nan_data():
+    for b in random_batches(n=6):
+        yield {**b, "labels": b["input_ids"]}
+
+
+@pytest.mark.parametrize("case", ["empty", "bad-option", "data-fails-mid-run", "no-signal", "non-finite"])
+def test_a_failed_prune_leaves_the_model_as_it_was(case):
+    model = tiny_model()
+    snap = _snapshot(model)
+    kw = dict(ratio=0.5, steps=4, progress=False)
+    if case == "empty":
+        call, exc = (lambda: loraprune.prune(model, [], **kw)), DataError
+    elif case == "bad-option":
+        call, exc = (lambda: loraprune.prune(model, random_batches(n=2), **kw, round_to=10_000)), ValueError
+    elif case == "data-fails-mid-run":
+        call, exc = (lambda: loraprune.prune(model, _failing_data(), **kw)), OSError
+    elif case == "no-signal":
+        b = random_batches(n=1)[0]
+        data = [b, {"input_ids": b["input_ids"], "labels": torch.full_like(b["input_ids"], -100)}]
+        call, exc = (lambda: loraprune.prune(model, data, **kw)), DataError
+    else:  # NaN loss every step: a NaN weight in the final norm
+        with torch.no_grad():
+            model.model.norm.weight[0] = float("nan")
+        snap = _snapshot(model)
+        call, exc = (lambda: loraprune.prune(model, random_batches(n=6), **kw, max_bad_steps=2)), NonFiniteLossError
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the skipped steps warn
+        with pytest.raises(exc):
+            call()
+    _assert_intact(model, snap)
+    # and the model still works as a plain model
+    model(**random_batches(n=1)[0])
+
+
+def test_the_pruned_model_gets_its_own_config():
+    import transformers
+
+    cfg = tiny_config()
+    before = cfg.to_dict()
+    model = transformers.LlamaForCausalLM(cfg)
+    out = loraprune.prune(model, random_batches(n=2), ratio=0.5, steps=2, progress=False)
+    assert cfg.to_dict() == before and not hasattr(cfg, "loraprune")
+    assert out.config.intermediate_size < before["intermediate_size"]
+
+
+def test_pruning_an_already_pruned_model_counts_against_the_model_given():
+    once = loraprune.prune(tiny_model(), random_batches(n=2), ratio=0.5, steps=2, progress=False)
+    widths = (once.config.num_key_value_heads, once.config.intermediate_size)
+    twice = loraprune.prune(once, random_batches(n=2), ratio=0.5, steps=2, progress=False)
+    rep = twice.config.loraprune
+    assert rep["achieved_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert twice.config.intermediate_size < widths[1]
+
+
+def test_callback_finalize_saves_the_masks_it_cut_when_training_stops_early():
+    from loraprune.callback import LoRAPruneCallback
+    from loraprune.schedule import CubicSchedule
+
+    pruner = loraprune.LoRAPruner(tiny_model(), ratio=0.5, schedule=CubicSchedule(0, 10, 1), lora_dropout=0.0)
+    callback = LoRAPruneCallback(pruner)
+    model = callback.finalize()  # stopped at step 0: nothing masked yet, finalize jumps to the target
+    masks = model.loraprune_masks
+    assert masks.kept_kv() == [model.config.num_key_value_heads] * len(masks.kept_kv())
+    assert masks.kept_channels() == [model.config.intermediate_size] * len(masks.kept_channels())
