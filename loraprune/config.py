@@ -190,3 +190,11 @@ class PruneConfig:
 #: written under other values cannot be resumed (progress/merge/checkpointing can differ).
 RUN_DEFINING = tuple(f.name for f in fields(PruneConfig)
                      if f.name not in ("progress", "merge", "checkpoint_dir", "checkpoint_every", "resume"))
+
+
+def options_markdown() -> str:
+    """The README's options table, generated from the fields (a test keeps the README in sync)."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for name, default, help_text in PruneConfig.fields_help():
+        rows.append(f"| `{name}` | `{default!r}` | {help_text} |")
+    return "\n".join(rows)
