@@ -5,8 +5,10 @@
 * On CUDA (``triton.testing.do_bench``), LLaMA-7B shapes, bf16:
   - group_importance: GB/s vs the GPU's HBM bandwidth (W read once), and vs the
     eager computation that forms G and B A;
-  - lora_linear fwd+bwd: TFLOP/s and peak memory vs PEFT-style eager
-    (F.linear + dropout + two matmuls) with autograd;
+  - lora_linear fwd+bwd (fp32 LoRA factors as LoRALinear keeps them, a real
+    random grad_y, without and with an unsorted 50% ``keep``): TFLOP/s per kept
+    FLOP and peak memory vs PEFT-style eager (F.linear + dropout + two fp32
+    matmuls, masked output for ``keep``) with autograd;
   - merge_gather: GB/s vs eager (W + s B@A)[rows][:, cols].
   Written to ``results/kernels_cuda.json``.
 * On CPU (what CI has): peak memory of the importance twin vs the eager
@@ -104,8 +106,9 @@ def bench_cuda(out_dir: str) -> dict:  # pragma: no cover - needs a GPU
     rows = []
     for name, out_f, in_f in LLAMA7B:
         W = torch.randn(out_f, in_f, device=dev, dtype=dt)
-        A = torch.randn(RANK, in_f, device=dev, dtype=dt) * 0.01
-        B = torch.randn(out_f, RANK, device=dev, dtype=dt) * 0.01
+        # LoRALinear keeps its factors in fp32 whatever the weight dtype: bench what runs
+        A = torch.randn(RANK, in_f, device=dev, dtype=torch.float32) * 0.01
+        B = torch.randn(out_f, RANK, device=dev, dtype=torch.float32) * 0.01
         gA, gB = torch.randn_like(A) * 1e-3, torch.randn_like(B) * 1e-3
         w_bytes = W.numel() * W.element_size()
 
@@ -128,23 +131,32 @@ def bench_cuda(out_dir: str) -> dict:  # pragma: no cover - needs a GPU
         M = 4096  # tokens per step
         x = torch.randn(M, in_f, device=dev, dtype=dt, requires_grad=True)
         Ar, Br = A.clone().requires_grad_(), B.clone().requires_grad_()
+        gy = torch.randn(M, out_f, device=dev, dtype=dt)  # a real output gradient, not a stride-0 one
         drop = torch.nn.Dropout(0.05)
+        keep_u = torch.randperm(out_f, device=dev)[: out_f // 2]  # unsorted, as masks produce it
+        sel = torch.zeros(out_f, device=dev, dtype=dt)
+        sel[keep_u] = 1
 
-        def fused():
+        def fused(k=None):
             with use_backend("triton"):
-                lora_linear(x, W, Ar, Br, s, dropout=0.05).sum().backward()
+                lora_linear(x, W, Ar, Br, s, keep=k, dropout=0.05).backward(gy)
 
-        def peft():
-            (torch.nn.functional.linear(x, W) + s * (drop(x) @ Ar.t()) @ Br.t()).sum().backward()
+        def peft(masked=False):
+            y = torch.nn.functional.linear(x, W) + s * (drop(x).float() @ Ar.t() @ Br.t()).to(dt)
+            (y * sel if masked else y).backward(gy)
 
-        flops = 3 * 2 * M * out_f * in_f  # fwd + dx (dW skipped); LoRA terms are negligible
-        ms, ms_eager = do_bench(fused), do_bench(peft)
-        rows.append({"kernel": "lora_linear fwd+bwd", "layer": name, "ms": ms, "eager_ms": ms_eager,
-                     "TFLOPs": flops / ms / 1e9, "eager_TFLOPs": flops / ms_eager / 1e9,
-                     "peak_bytes": _peak_mem(fused), "eager_peak_bytes": _peak_mem(peft)})
-        for r in rows[-3:]:
+        for label, f_fused, f_eager, kept in (("", fused, peft, out_f),
+                                              (" keep50", lambda: fused(keep_u), lambda: peft(True), out_f // 2)):
+            flops = 2 * 2 * M * kept * in_f  # fwd + dx over kept channels (dW skipped); LoRA terms negligible
+            ms, ms_eager = do_bench(f_fused), do_bench(f_eager)
+            rows.append({"kernel": "lora_linear fwd+bwd" + label, "layer": name, "ms": ms, "eager_ms": ms_eager,
+                         "kept": kept, "TFLOPs_per_kept": flops / ms / 1e9,
+                         "eager_TFLOPs_per_kept": flops / ms_eager / 1e9,
+                         "peak_bytes": _peak_mem(f_fused), "eager_peak_bytes": _peak_mem(f_eager)})
+        for r in rows[-4:]:
             print(json.dumps(r))
-    result = {"device": torch.cuda.get_device_name(), "rank": RANK, "dtype": "bfloat16", "rows": rows}
+    result = {"device": torch.cuda.get_device_name(), "rank": RANK, "dtype": "bfloat16", "factors": "float32",
+              "rows": rows}
     path = os.path.join(out_dir, "kernels_cuda.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

@@ -85,7 +85,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, dropou
     p = float(dropout)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    keep = index_vector("keep", keep, out_f, x.device)
+    keep = index_vector("keep", keep, out_f, x.device, unique=True)
     backend = resolve_backend(x, weight)
     seed = _draw_seed() if p > 0 else 0
     x2d = x.reshape(-1, in_f)

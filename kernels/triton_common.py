@@ -8,13 +8,38 @@ Under the interpreter one small configuration is used (it only proves maths).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
+
+#: oldest Triton the kernels are written for: ``triton.knobs`` (3.4) and the
+#: ``tl.dot(input_precision=...)`` / ``tl.join`` / ``tl.philox`` forms used below.
+#: Tested with 3.9.  ``backend.triton_usable`` refuses older versions.
+MIN_TRITON_VERSION = (3, 4)
+
+
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed triton, (0, 0) when unparsable."""
+    try:
+        major, minor = triton.__version__.split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    except (AttributeError, ValueError):
+        return (0, 0)
+
+
+def _interpret_flag() -> bool:
+    """What ``@triton.jit`` reads: ``triton.knobs`` on >= 3.4, the raw variable before."""
+    try:
+        from triton import knobs
+    except ImportError:  # triton < 3.4: @triton.jit reads the environment variable itself
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return bool(knobs.runtime.interpret)
+
 
 #: decided once, at import, exactly like ``@triton.jit`` decides it.
-INTERPRETING: bool = bool(knobs.runtime.interpret)
+INTERPRETING: bool = _interpret_flag()
 
 #: smallest K of ``tl.dot`` real GPUs accept; the interpreter accepts less.
 MIN_DOT_K = 16
@@ -25,6 +50,17 @@ TORCH_TO_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfl
 def rank_block(rank: int) -> int:
     """Padded LoRA rank used as BLOCK_R: a power of two, at least 16."""
     return max(MIN_DOT_K, triton.next_power_of_2(max(int(rank), 1)))
+
+
+#: rank epilogues / prologues of the big GEMM tiles walk the rank in chunks of
+#: at most this many: a (128 x 64) fp32 operand pair next to a (128 x 128) fp32
+#: accumulator would not fit in registers (it spilled on sm_80 at r = 64).
+MAX_RANK_CHUNK = 16
+
+
+def rank_chunk(rank: int, limit: int = MAX_RANK_CHUNK) -> int:
+    """Chunk of the rank loop: the padded rank when it fits ``limit``, else ``limit``."""
+    return min(rank_block(rank), limit)
 
 
 # --------------------------------------------------------------------------
@@ -43,15 +79,21 @@ _TABLE: dict[str, dict] = {
     "lora_linear_fwd": {
         "interp": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
         8: (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)),
+            dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)),
         9: (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)),
+            dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)),
     },
     # dxa = s * g[:, keep] @ B[keep]: reduction over kept channels, R wide out.
     "lora_grad_xa": {
         "interp": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
         8: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
         9: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    },
+    # g[:, keep] packed once into a compact buffer for the backward kernels.
+    "gather_columns": {
+        "interp": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+        8: dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1),
+        9: dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1),
     },
     # dB[keep] = s * g[:, keep]^T @ xa: reduction over tokens.
     "lora_grad_b": {
@@ -93,12 +135,25 @@ _TABLE: dict[str, dict] = {
 KERNEL_CONFIG_NAMES = tuple(_TABLE)
 
 
-def tile_config(kernel: str, elem_size: int = 2, arch: int | str | None = None) -> dict:
+#: smaller tiles for large ranks: kernel -> (from BLOCK_R, overrides).  The
+#: r-wide kernels' (tile x 64) fp32 operands and accumulator, and the importance
+#: kernel's fp32-accurate (tf32x3) rank-chunk dots, spilled registers on sm_80
+#: with the default tiles.
+_WIDE_RANK = {
+    "lora_down": (32, {8: dict(BLOCK_K=32), 9: dict(BLOCK_K=32)}),
+    "lora_grad_xa": (32, {8: dict(BLOCK_N=32), 9: dict(BLOCK_N=32)}),
+    "lora_grad_b": (64, {8: dict(BLOCK_M=32), 9: dict(BLOCK_M=32)}),
+    "importance_partials": (32, {8: dict(BLOCK_M=32, num_warps=4), 9: dict(BLOCK_M=64)}),
+}
+
+
+def tile_config(kernel: str, elem_size: int = 2, arch: int | str | None = None, block_r: int = 16) -> dict:
     """Launch configuration of ``kernel``.
 
     ``arch``: "interp", a compute-capability major (8, 9, ...) or None to use the
     interpreter / the current CUDA device.  Newer GPUs fall back to the Hopper
-    entry, older ones to the Ampere entry.
+    entry, older ones to the Ampere entry.  ``block_r``: the padded LoRA rank
+    (kernels with an r-wide tile take smaller tiles from BLOCK_R = 64 on).
     """
     entries = _TABLE[kernel]
     if arch is None:
@@ -111,7 +166,11 @@ def tile_config(kernel: str, elem_size: int = 2, arch: int | str | None = None) 
     entry = entries[arch]
     if isinstance(entry, tuple):
         entry = entry[0] if elem_size <= 2 else entry[1]
-    return dict(entry)
+    entry = dict(entry)
+    threshold, overrides = _WIDE_RANK.get(kernel, (None, {}))
+    if arch != "interp" and threshold is not None and block_r >= threshold:
+        entry.update(overrides[arch])
+    return entry
 
 
 def split_launch_options(config: dict) -> tuple[dict, dict]:
@@ -124,10 +183,32 @@ def split_launch_options(config: dict) -> tuple[dict, dict]:
 
 
 def main_dot_precision(dtype: torch.dtype) -> str:
-    """Input precision of the weight GEMM: fp32 follows torch's TF32 switch."""
+    """Input precision of the weight GEMM: fp32 follows torch's TF32 switch
+    (fp16/bf16 tiles ignore it: they run on the tensor cores as they are)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def lora_dot_precision() -> str:
+    """Input precision of the fp32 LoRA-side dots (rank-r factors, xa, dxa, importance).
+
+    ``torch.backends.cuda.matmul.allow_tf32`` on: plain TF32 (what cuBLAS does).
+    Off (torch's default): ``tf32x3``, three TF32 products that recover fp32
+    accuracy on the tensor cores, instead of TF32's ~1e-3 relative error.
+    """
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def up_dot_precision(dtype: torch.dtype) -> str:
+    """Precision of the rank-r term folded into a y / dx tile of storage ``dtype``.
+
+    fp32 outputs follow the TF32 switch (``lora_dot_precision``).  For fp16/bf16
+    outputs TF32 is used: its operand rounding (2^-11 relative) is already below
+    the 16-bit rounding of the tile it is added to, and tf32x3 there would cost
+    the big GEMM kernels the registers of two more operand tiles (they spilled).
+    """
+    return lora_dot_precision() if dtype == torch.float32 else "tf32"
 
 
 @triton.jit

@@ -12,8 +12,18 @@ Backward (4 launches, weight and bias are frozen: no dW, no dbias):
 
 ``keep`` (indices of output channels) is applied *inside* the kernels: tiles
 walk over "slots" 0..len(keep) and gather the rows of W / B / bias and the
-columns of y / g by index, so skipped channels cost nothing.  The dropout mask
-is a Philox function of (seed, row, column), recomputed wherever needed.
+columns of y by index, so skipped channels cost nothing.  In backward the
+kept columns of the output gradient are gathered once (``gather_columns_kernel``)
+into a compact buffer whose rows start 16-element aligned, so the three
+backward kernels read g with the dense path's vectorised, pipelined loads
+instead of one element at a time.  The dropout mask is a Philox function of
+(seed, row, column), recomputed wherever needed.
+
+LoRA-side dots whose results are fp32 (xa, dxa, dA, dB) follow torch's TF32
+switch (``LORA_PRECISION``: "tf32" when allowed, else the fp32-accurate
+"tf32x3").  The rank-r term folded into a y / dx tile (``UP_PRECISION``)
+does too for fp32 weights; for fp16/bf16 weights it is TF32, whose operand
+rounding (2^-11) is below the rounding of the 16-bit y / dx it lands in.
 
 The LoRA rank is padded to BLOCK_R >= 16 with masked loads, because GPUs need
 K >= 16 in ``tl.dot``.  ``NATIVE_DOT`` (GPU only) feeds fp16/bf16 tiles straight to
@@ -28,8 +38,11 @@ import triton.language as tl
 from .triton_common import (
     INTERPRETING,
     dropout_keep_mask,
+    lora_dot_precision,
     main_dot_precision,
     rank_block,
+    up_dot_precision,
+    rank_chunk,
     split_launch_options,
     tile_config,
 )
@@ -70,7 +83,7 @@ def lora_down_kernel(
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_xam,
     seed, p, inv_keep_prob,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     row0 = tl.program_id(0) * BLOCK_M
@@ -90,7 +103,7 @@ def lora_down_kernel(
             x = tl.where(dropout_keep_mask(seed, row0 + lr, k0, p, BLOCK_K), x * inv_keep_prob, 0.0)
         a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                       mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(x, a_t, acc)
+        acc = tl.dot(x, a_t, acc, input_precision=LORA_PRECISION)
     tl.store(xa_ptr + lr[:, None] * stride_xam + ranks[None, :], acc,
              mask=row_ok[:, None] & rank_ok[None, :])
 
@@ -103,9 +116,9 @@ def lora_linear_fwd_kernel(
     stride_xam, stride_ym, stride_yn,
     scaling,
     HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
-    NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UP_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    RANK_CHUNK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """N is the number of kept channels (slots); y is full width, pre-zeroed."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -119,7 +132,18 @@ def lora_linear_fwd_kernel(
     slot_ok = slots < N
     chans = _channels(keep_ptr, slots, slot_ok, HAS_KEEP)
 
+    # the accumulator starts as the low-rank term s * xa B[keep]^T, walked in rank
+    # chunks of RANK_CHUNK (>= 16): its operands are dead before the main loop
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, R, RANK_CHUNK):
+        ranks = c0 + tl.arange(0, RANK_CHUNK)
+        rank_ok = ranks < R
+        xa = tl.load(xa_ptr + lr[:, None] * stride_xam + ranks[None, :],
+                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        b_t = tl.load(lora_b_ptr + chans[None, :] * stride_bn + ranks[:, None] * stride_br,
+                      mask=rank_ok[:, None] & slot_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(xa * scaling, b_t, acc, input_precision=UP_PRECISION)
+
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
@@ -132,14 +156,6 @@ def lora_linear_fwd_kernel(
         else:
             acc = tl.dot(x.to(tl.float32), w_t.to(tl.float32), acc)
 
-    # low-rank up-projection of the saved xa, rank padded to BLOCK_R
-    ranks = tl.arange(0, BLOCK_R)
-    rank_ok = ranks < R
-    xa = tl.load(xa_ptr + lr[:, None] * stride_xam + ranks[None, :],
-                 mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    b_t = tl.load(lora_b_ptr + chans[None, :] * stride_bn + ranks[:, None] * stride_br,
-                  mask=rank_ok[:, None] & slot_ok[None, :], other=0.0).to(tl.float32)
-    acc = tl.dot(xa * scaling, b_t, acc)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + chans, mask=slot_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -148,12 +164,36 @@ def lora_linear_fwd_kernel(
 
 
 @triton.jit
+def gather_columns_kernel(
+    src_ptr, idx_ptr, dst_ptr,
+    M, N,
+    stride_sm, stride_sn, stride_dm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dst[:, j] = src[:, idx[j]]: the kept columns of g, packed once per backward."""
+    row0 = tl.program_id(0) * BLOCK_M
+    src_ptr += row0.to(tl.int64) * stride_sm
+    dst_ptr += row0.to(tl.int64) * stride_dm
+    lr = tl.arange(0, BLOCK_M)
+    slots = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot_ok = slots < N
+    chans = tl.load(idx_ptr + slots, mask=slot_ok, other=0).to(tl.int32)
+    m = (row0 + lr < M)[:, None] & slot_ok[None, :]
+    vals = tl.load(src_ptr + lr[:, None] * stride_sm + chans[None, :] * stride_sn, mask=m)
+    tl.store(dst_ptr + lr[:, None] * stride_dm + slots[None, :], vals, mask=m)
+
+
+# The three kernels below read the output gradient ``g`` by *slot*: it is either
+# the dense gradient (no keep: slot == channel) or the compact gather of its kept
+# columns.  Only the rows of W / B / dB are addressed through ``keep``.
+
+@triton.jit
 def lora_grad_xa_kernel(
     g_ptr, lora_b_ptr, keep_ptr, dxa_ptr,
     M, N, R,
-    stride_gm, stride_gn, stride_bn, stride_br, stride_dxam,
+    stride_gm, stride_bn, stride_br, stride_dxam,
     scaling,
-    HAS_KEEP: tl.constexpr,
+    HAS_KEEP: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     row0 = tl.program_id(0) * BLOCK_M
@@ -168,11 +208,11 @@ def lora_grad_xa_kernel(
         slots = n0 + tl.arange(0, BLOCK_N)
         slot_ok = slots < N
         chans = _channels(keep_ptr, slots, slot_ok, HAS_KEEP)
-        g = tl.load(g_ptr + lr[:, None] * stride_gm + chans[None, :] * stride_gn,
+        g = tl.load(g_ptr + lr[:, None] * stride_gm + slots[None, :],
                     mask=row_ok[:, None] & slot_ok[None, :], other=0.0).to(tl.float32)
         b = tl.load(lora_b_ptr + chans[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=slot_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(g, b, acc)
+        acc = tl.dot(g, b, acc, input_precision=LORA_PRECISION)
     tl.store(dxa_ptr + lr[:, None] * stride_dxam + ranks[None, :], acc * scaling,
              mask=row_ok[:, None] & rank_ok[None, :])
 
@@ -181,9 +221,9 @@ def lora_grad_xa_kernel(
 def lora_grad_b_kernel(
     g_ptr, xa_ptr, keep_ptr, db_ptr,
     M, N, R,
-    stride_gm, stride_gn, stride_xam, stride_dbn, stride_dbr,
+    stride_gm, stride_xam, stride_dbn, stride_dbr,
     scaling,
-    HAS_KEEP: tl.constexpr,
+    HAS_KEEP: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """dB rows of kept channels; dB is pre-zeroed so skipped rows stay zero."""
@@ -196,11 +236,11 @@ def lora_grad_b_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         row_ok = m0 + lr < M
-        g_t = tl.load(g_ptr + lr[None, :] * stride_gm + chans[:, None] * stride_gn,
+        g_t = tl.load(g_ptr + lr[None, :] * stride_gm + slots[:, None],
                       mask=slot_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
         xa = tl.load(xa_ptr + lr[:, None] * stride_xam + ranks[None, :],
                      mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = tl.dot(g_t, xa, acc)
+        acc = tl.dot(g_t, xa, acc, input_precision=LORA_PRECISION)
         g_ptr += BLOCK_M * stride_gm.to(tl.int64)
         xa_ptr += BLOCK_M * stride_xam.to(tl.int64)
     tl.store(db_ptr + chans[:, None] * stride_dbn + ranks[None, :] * stride_dbr,
@@ -213,7 +253,7 @@ def lora_grad_a_kernel(
     M, K, R,
     stride_xm, stride_xk, stride_dxam, stride_dar, stride_dak,
     seed, p, inv_keep_prob,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -230,7 +270,7 @@ def lora_grad_a_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         if HAS_DROPOUT:
             x = tl.where(dropout_keep_mask(seed, m0 + lr, tl.program_id(0) * BLOCK_K, p, BLOCK_K), x * inv_keep_prob, 0.0)
-        acc = tl.dot(dxa_t, x, acc)
+        acc = tl.dot(dxa_t, x, acc, input_precision=LORA_PRECISION)
         x_ptr += BLOCK_M * stride_xm.to(tl.int64)
         dxa_ptr += BLOCK_M * stride_dxam.to(tl.int64)
     tl.store(da_ptr + ranks[:, None] * stride_dar + cols[None, :] * stride_dak,
@@ -241,14 +281,16 @@ def lora_grad_a_kernel(
 def lora_grad_x_kernel(
     g_ptr, w_ptr, a_ptr, dxa_ptr, keep_ptr, dx_ptr,
     M, N, K, R,
-    stride_gm, stride_gn, stride_wn, stride_wk, stride_ar, stride_ak,
+    stride_gm, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_dxam, stride_dxm, stride_dxk,
     seed, p, inv_keep_prob,
     HAS_KEEP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UP_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    RANK_CHUNK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """dx tile; the accumulator *starts* as the low-rank term drop'(dxa A), so the
+    dropout epilogue never holds a second fp32 tile next to the GEMM accumulator."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     row0 = pid_m * BLOCK_M
     g_ptr += row0.to(tl.int64) * stride_gm
@@ -258,12 +300,24 @@ def lora_grad_x_kernel(
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = row0 + lr < M
     col_ok = cols < K
+
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for c0 in range(0, R, RANK_CHUNK):
+        ranks = c0 + tl.arange(0, RANK_CHUNK)
+        rank_ok = ranks < R
+        dxa = tl.load(dxa_ptr + lr[:, None] * stride_dxam + ranks[None, :],
+                      mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(dxa, a, acc, input_precision=UP_PRECISION)
+    if HAS_DROPOUT:
+        acc = tl.where(dropout_keep_mask(seed, row0 + lr, pid_k * BLOCK_K, p, BLOCK_K), acc * inv_keep_prob, 0.0)
+
     for n0 in range(0, N, BLOCK_N):
         slots = n0 + tl.arange(0, BLOCK_N)
         slot_ok = slots < N
         chans = _channels(keep_ptr, slots, slot_ok, HAS_KEEP)
-        g = tl.load(g_ptr + lr[:, None] * stride_gm + chans[None, :] * stride_gn,
+        g = tl.load(g_ptr + lr[:, None] * stride_gm + slots[None, :],
                     mask=row_ok[:, None] & slot_ok[None, :], other=0.0)
         w = tl.load(w_ptr + chans[:, None] * stride_wn + cols[None, :] * stride_wk,
                     mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
@@ -271,18 +325,6 @@ def lora_grad_x_kernel(
             acc = tl.dot(g, w.to(g.dtype), acc, input_precision=DOT_PRECISION)
         else:
             acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc)
-
-    ranks = tl.arange(0, BLOCK_R)
-    rank_ok = ranks < R
-    dxa = tl.load(dxa_ptr + lr[:, None] * stride_dxam + ranks[None, :],
-                  mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
-                mask=rank_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        low_rank = tl.dot(dxa, a)
-        acc += tl.where(dropout_keep_mask(seed, row0 + lr, pid_k * BLOCK_K, p, BLOCK_K), low_rank * inv_keep_prob, 0.0)
-    else:
-        acc = tl.dot(dxa, a, acc)
     tl.store(dx_ptr + lr[:, None] * stride_dxm + cols[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -319,13 +361,13 @@ def lora_down(x2d, lora_A, p: float, seed: int) -> torch.Tensor:
         return xa
     if K == 0 or R == 0:
         return xa.zero_()
-    meta, opts = split_launch_options(tile_config("lora_down", x2d.element_size()))
+    meta, opts = split_launch_options(tile_config("lora_down", x2d.element_size(), block_r=rank_block(R)))
     grid = (triton.cdiv(M, meta["BLOCK_M"]),)
     lora_down_kernel[grid](
         x2d, lora_A, xa, M, K, R,
         x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0),
         seed, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
-        HAS_DROPOUT=p > 0, BLOCK_R=rank_block(R), **meta, **opts,
+        HAS_DROPOUT=p > 0, LORA_PRECISION=lora_dot_precision(), BLOCK_R=rank_block(R), **meta, **opts,
     )
     return xa
 
@@ -352,9 +394,36 @@ def lora_linear_forward(x2d, weight, lora_A, lora_B, bias, keep, scaling: float,
         float(scaling),
         HAS_BIAS=bias is not None, HAS_KEEP=has_keep,
         NATIVE_DOT=_native_dot(), DOT_PRECISION=main_dot_precision(x2d.dtype),
-        BLOCK_R=rank_block(R), **meta, **opts,
+        UP_PRECISION=up_dot_precision(x2d.dtype), RANK_CHUNK=rank_chunk(R), **meta, **opts,
     )
     return y, xa
+
+
+#: rows of the compact gradient start at multiples of this many elements.
+COMPACT_ALIGN = 16
+
+
+def compact_grad(g2d: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The output gradient as the backward kernels read it: unit column stride,
+    restricted to the kept columns (in ``keep`` order), rows 16-element aligned.
+
+    Without ``keep`` a gradient that already has unit column stride is used as
+    it is (a stride-0 or transposed one is made contiguous).  With ``keep`` the
+    kept columns are gathered once into an (M, ceil16(N)) buffer, of which the
+    first N columns are returned.
+    """
+    if keep is None:
+        return g2d if g2d.stride(-1) == 1 else g2d.contiguous()
+    M, N = g2d.shape[0], keep.numel()
+    width = triton.cdiv(max(N, 1), COMPACT_ALIGN) * COMPACT_ALIGN
+    out = torch.empty((M, width), device=g2d.device, dtype=g2d.dtype)[:, :N]
+    if M == 0 or N == 0:
+        return out
+    meta, opts = split_launch_options(tile_config("gather_columns", g2d.element_size()))
+    grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+    gather_columns_kernel[grid](g2d, keep, out, M, N, g2d.stride(0), g2d.stride(1), out.stride(0),
+                                **meta, **opts)
+    return out
 
 
 def lora_linear_backward(g2d, x2d, weight, lora_A, lora_B, xa, keep, scaling: float, p: float, seed: int,
@@ -368,6 +437,7 @@ def lora_linear_backward(g2d, x2d, weight, lora_A, lora_B, xa, keep, scaling: fl
     dev = x2d.device
     BR = rank_block(R)
     inv_keep_prob = 1.0 / (1.0 - p) if p > 0 else 1.0
+    lora_prec = lora_dot_precision()
     dx = dA = dB = None
 
     if N == 0 or M == 0:  # nothing flows back through an all-skipped (or empty) layer
@@ -379,22 +449,23 @@ def lora_linear_backward(g2d, x2d, weight, lora_A, lora_B, xa, keep, scaling: fl
             dB = torch.zeros_like(lora_B)
         return dx, dA, dB
 
+    g = compact_grad(g2d, keep_t if has_keep else None)
     dxa = None
     if need_dx or need_dA:
         dxa = torch.empty((M, R), device=dev, dtype=torch.float32)
-        meta, opts = split_launch_options(tile_config("lora_grad_xa", g2d.element_size()))
+        meta, opts = split_launch_options(tile_config("lora_grad_xa", g.element_size(), block_r=BR))
         lora_grad_xa_kernel[(triton.cdiv(M, meta["BLOCK_M"]),)](
-            g2d, lora_B, keep_arg, dxa, M, N, R,
-            g2d.stride(0), g2d.stride(1), lora_B.stride(0), lora_B.stride(1), dxa.stride(0),
-            float(scaling), HAS_KEEP=has_keep, BLOCK_R=BR, **meta, **opts,
+            g, lora_B, keep_arg, dxa, M, N, R,
+            g.stride(0), lora_B.stride(0), lora_B.stride(1), dxa.stride(0),
+            float(scaling), HAS_KEEP=has_keep, LORA_PRECISION=lora_prec, BLOCK_R=BR, **meta, **opts,
         )
     if need_dB:
         dB = torch.zeros_like(lora_B, memory_format=torch.contiguous_format)
-        meta, opts = split_launch_options(tile_config("lora_grad_b", g2d.element_size()))
+        meta, opts = split_launch_options(tile_config("lora_grad_b", g.element_size(), block_r=BR))
         lora_grad_b_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
-            g2d, xa, keep_arg, dB, M, N, R,
-            g2d.stride(0), g2d.stride(1), xa.stride(0), dB.stride(0), dB.stride(1),
-            float(scaling), HAS_KEEP=has_keep, BLOCK_R=BR, **meta, **opts,
+            g, xa, keep_arg, dB, M, N, R,
+            g.stride(0), xa.stride(0), dB.stride(0), dB.stride(1),
+            float(scaling), HAS_KEEP=has_keep, LORA_PRECISION=lora_prec, BLOCK_R=BR, **meta, **opts,
         )
     if need_dA:
         dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
@@ -402,19 +473,42 @@ def lora_linear_backward(g2d, x2d, weight, lora_A, lora_B, xa, keep, scaling: fl
         lora_grad_a_kernel[(triton.cdiv(K, meta["BLOCK_K"]),)](
             x2d, dxa, dA, M, K, R,
             x2d.stride(0), x2d.stride(1), dxa.stride(0), dA.stride(0), dA.stride(1),
-            seed, p, inv_keep_prob, HAS_DROPOUT=p > 0, BLOCK_R=BR, **meta, **opts,
+            seed, p, inv_keep_prob, HAS_DROPOUT=p > 0, LORA_PRECISION=lora_prec, BLOCK_R=BR, **meta, **opts,
         )
     if need_dx:
         dx = torch.empty((M, K), device=dev, dtype=x2d.dtype)
-        meta, opts = split_launch_options(tile_config("lora_grad_x", g2d.element_size()))
+        meta, opts = split_launch_options(tile_config("lora_grad_x", g.element_size()))
         grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
         lora_grad_x_kernel[grid](
-            g2d, weight, lora_A, dxa, keep_arg, dx, M, N, K, R,
-            g2d.stride(0), g2d.stride(1), weight.stride(0), weight.stride(1),
+            g, weight, lora_A, dxa, keep_arg, dx, M, N, K, R,
+            g.stride(0), weight.stride(0), weight.stride(1),
             lora_A.stride(0), lora_A.stride(1), dxa.stride(0), dx.stride(0), dx.stride(1),
             seed, p, inv_keep_prob,
             HAS_KEEP=has_keep, HAS_DROPOUT=p > 0,
-            NATIVE_DOT=_native_dot(), DOT_PRECISION=main_dot_precision(g2d.dtype),
-            BLOCK_R=BR, **meta, **opts,
+            NATIVE_DOT=_native_dot(), DOT_PRECISION=main_dot_precision(g.dtype),
+            UP_PRECISION=up_dot_precision(g.dtype),
+            RANK_CHUNK=rank_chunk(R), **meta, **opts,
         )
     return dx, dA, dB
+
+
+@triton.jit
+def dropout_mask_kernel(out_ptr, M, K, stride_om, seed, p,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[m, k] = 1 where the LoRA input x[m, k] is kept by dropout (as the kernels draw it)."""
+    row0 = tl.program_id(0) * BLOCK_M
+    col0 = tl.program_id(1) * BLOCK_K
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_K)
+    keep = dropout_keep_mask(seed, rows, col0, p, BLOCK_K)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], keep.to(tl.int8),
+             mask=(rows < M)[:, None] & (cols < K)[None, :])
+
+
+def dropout_mask(M: int, K: int, p: float, seed: int, device) -> torch.Tensor:
+    """The (M, K) bool keep-mask the Triton kernels apply for ``seed`` (tests, gpu_check)."""
+    out = torch.empty((M, K), device=device, dtype=torch.int8)
+    if M and K:
+        grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+        dropout_mask_kernel[grid](out, M, K, out.stride(0), seed, p, BLOCK_M=32, BLOCK_K=32)
+    return out.bool()

@@ -2,7 +2,7 @@
 
 Each program owns a (BLOCK_M x BLOCK_N) tile of the *output*: it gathers the
 matching rows/columns of W by index, adds the low-rank term s * B[rows] @
-A[:, cols] computed in fp32 (rank padded to >= 16), and writes the tile in W's
+A[:, cols] computed in fp32 (rank padded to >= 16, walked in chunks of 16), and writes the tile in W's
 dtype.  W is read once (only its kept part) and the result written once.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import rank_block, split_launch_options, tile_config
+from .triton_common import rank_chunk, split_launch_options, tile_config
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def merge_gather_kernel(
     stride_wo, stride_wi, stride_ar, stride_ai, stride_bo, stride_br, stride_om,
     scaling,
     HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr, HAS_LORA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_CHUNK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -41,13 +41,14 @@ def merge_gather_kernel(
     merged = tl.load(w_ptr + src_rows[:, None] * stride_wo + src_cols[None, :] * stride_wi,
                      mask=mask, other=0.0).to(tl.float32)
     if HAS_LORA:
-        ranks = tl.arange(0, BLOCK_R)
-        rank_ok = ranks < R
-        b = tl.load(b_ptr + src_rows[:, None] * stride_bo + ranks[None, :] * stride_br,
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + ranks[:, None] * stride_ar + src_cols[None, :] * stride_ai,
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        merged = tl.dot(b * scaling, a, merged, input_precision="tf32x3")
+        for c0 in range(0, R, RANK_CHUNK):
+            ranks = c0 + tl.arange(0, RANK_CHUNK)
+            rank_ok = ranks < R
+            b = tl.load(b_ptr + src_rows[:, None] * stride_bo + ranks[None, :] * stride_br,
+                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + ranks[:, None] * stride_ar + src_cols[None, :] * stride_ai,
+                        mask=rank_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            merged = tl.dot(b * scaling, a, merged, input_precision="tf32x3")
     tl.store(out_ptr + out_rows.to(tl.int64)[:, None] * stride_om + out_cols[None, :],
              merged.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -76,6 +77,6 @@ def merge_gather(weight, lora_A, lora_B, scaling: float, rows, cols):
         lora_B.stride(0) if has_lora else 0, lora_B.stride(1) if has_lora else 0,
         out.stride(0), float(scaling),
         HAS_ROWS=rows is not None, HAS_COLS=cols is not None, HAS_LORA=has_lora,
-        BLOCK_R=rank_block(R), **meta, **opts,
+        RANK_CHUNK=rank_chunk(R), **meta, **opts,
     )
     return out

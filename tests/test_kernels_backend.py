@@ -30,8 +30,44 @@ def test_set_backend_and_validation():
         set_backend(before)
 
 
-def test_tests_run_under_interpreter():
-    assert triton_interpreting(), "conftest must set TRITON_INTERPRET=1 before triton is imported"
+def test_tests_interpret_only_without_gpu():
+    if torch.cuda.is_available():
+        assert not triton_interpreting(), "with a GPU the tests must run the native kernels"
+    else:
+        assert triton_interpreting(), "conftest must set TRITON_INTERPRET=1 before triton is imported"
+
+
+def test_old_triton_or_old_gpu_not_picked(monkeypatch):
+    """'auto' never picks Triton where it cannot run; 'triton' says why."""
+    import triton
+
+    from loraprune.kernels import backend
+
+    assert backend.triton_unusable_reason() is None  # the installed triton is supported
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    reason = backend.triton_unusable_reason()
+    assert reason and "3.2.0" in reason and "3.4" in reason
+    assert not backend.triton_available()
+    with use_backend("triton"), pytest.raises(RuntimeError, match="older than 3.4"):
+        lora_linear(torch.randn(2, 8), torch.randn(3, 8), torch.randn(2, 8), torch.randn(3, 2), 1.0)
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    reason = backend.triton_unusable_reason(torch.device("cuda", 0))
+    assert reason and "7.5" in reason
+
+
+def test_interpret_flag_without_knobs(monkeypatch):
+    """Triton < 3.4 has no triton.knobs: the flag falls back to the environment variable."""
+    import triton
+
+    from loraprune.kernels import triton_common
+
+    monkeypatch.delattr(triton, "knobs", raising=False)
+    monkeypatch.setitem(sys.modules, "triton.knobs", None)  # makes `from triton import knobs` fail
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_common._interpret_flag() is True
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert triton_common._interpret_flag() is False
 
 
 def _run(code, **env_changes):
