@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import kernels
 from .archs import ArchSpec, arch_for, decoder_layers, get_submodule, layer_projections
+from .gguf import forget_gguf_origin
 from .groups import LayerGroups, build_layer_groups
 from .lora import LoRALinear
 from .masks import Masks
@@ -90,6 +91,7 @@ def compact(model: nn.Module, masks: Masks, spec: ArchSpec | None = None, merge:
     which :func:`loraprune.save_pruned` writes to ``loraprune_masks.json``.
     """
     spec = spec or arch_for(model)
+    forget_gguf_origin(model)  # dequantized GGUF weights are plain floats; once pruned they are no file's weights
     layers = build_layer_groups(model, spec)
     if len(masks.attn_keep) != len(layers):
         raise ValueError(f"masks describe {len(masks.attn_keep)} layers, the model has {len(layers)}")

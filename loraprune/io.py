@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from .errors import LoRAPruneError
 
+from .gguf import forget_gguf_origin
 from .lora import LoRALinear, is_peft_lora_layer
 from .masks import Masks
 from .modeling_loraprune import PER_LAYER_CLASSES
@@ -185,7 +186,7 @@ def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=No
             f"the model still holds {len(lora)} LoRA layers (e.g. {lora[0]}); call loraprune.merge_lora(model) "
             "to save the merged model, or loraprune.export_adapter(model, dir) to save the pruned base and its adapter"
         )
-    model = attach_export(model)
+    model = attach_export(forget_gguf_origin(model))
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
