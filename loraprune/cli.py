@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -190,9 +189,8 @@ def load_model(name: str, dtype: str = "float32"):
     """A causal LM from a directory (pruned ones included) or a hub id."""
     from transformers import AutoModelForCausalLM
 
-    from .io import PrunedModelError, load_pruned, read_config
-
     from .archs import ARCHS
+    from .io import PrunedModelError, inspect_dir, load_pruned, read_config
 
     path = Path(name)
     if path.is_dir():
@@ -331,10 +329,7 @@ def cmd_prune(args) -> int:
     if ppl_before is not None:
         report["eval"] = {"data": args.eval_data, "windows": args.eval_windows, "seq_len": args.seq_len,
                           "ppl_before": ppl_before, "ppl_after": ppl_after}
-    extra = {"loraprune_report.json": report}
-    masks = getattr(pruned, "loraprune_masks", None)
-    if masks is not None:
-        extra["loraprune_masks.json"] = masks.to_dict()
+    extra = {"loraprune_report.json": report}  # loraprune_masks.json: written by save_pruned itself
     save_pruned(pruned, out, overwrite=True, tokenizer=tokenizer, extra_json=extra)
 
     rows = []
@@ -387,82 +382,9 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """Tensor names -> {dtype, shape} from a safetensors header (the weights are not read)."""
-    from .io import PrunedModelError
-
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100_000_000:
-                raise ValueError("header length is implausible")
-            header = json.loads(fh.read(n))
-    except Exception as err:
-        raise PrunedModelError(f"{path} is not a readable safetensors file ({err}); save the model again") from err
-    header.pop("__metadata__", None)
-    return header
-
-
-def inspect_dir(path) -> dict:
-    """Per-layer widths and parameter counts of a saved model, from its headers."""
-    from .archs import ARCHS
-    from .io import PrunedModelError, read_config
-
-    path = Path(path)
-    if not path.is_dir():
-        raise PrunedModelError(f"{path} is not a directory; pass a model directory")
-    config = read_config(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise PrunedModelError(f"{path} holds no .safetensors weights; expected a model saved by loraprune")
-    tensors = {}
-    for f in files:
-        tensors.update(read_safetensors_header(f))
-    spec = ARCHS.get(config.get("model_type"))
-    if spec is None:
-        raise PrunedModelError(f"model_type={config.get('model_type')!r} has no loraprune layout; "
-                               f"supported: {', '.join(sorted(ARCHS))}")
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    prefix = spec.layers + "."
-    layers: dict[int, dict] = {}
-    other = 0
-    for name, meta in tensors.items():
-        numel = 1
-        for d in meta["shape"]:
-            numel *= d
-        if not name.startswith(prefix):
-            other += numel
-            continue
-        idx = int(name[len(prefix):].split(".", 1)[0])
-        entry = layers.setdefault(idx, {"params": 0})
-        entry["params"] += numel
-        rows = meta["shape"][0]
-        if name.endswith(f"{spec.attn}.{spec.q}.weight"):
-            entry["num_attention_heads"] = rows // head_dim
-        elif name.endswith(f"{spec.attn}.{spec.k}.weight"):
-            entry["num_key_value_heads"] = rows // head_dim
-        elif name.endswith(f"{spec.mlp}.{spec.gate}.weight"):
-            entry["intermediate_size"] = rows
-    n_layers = config.get("num_hidden_layers")
-    if n_layers is not None and sorted(layers) != list(range(n_layers)):
-        raise PrunedModelError(f"{path}: config.json says {n_layers} layers, the weights hold {len(layers)}; "
-                               "the directory is mixed up, save the model again")
-    block = config.get("loraprune") or {}
-    for idx, widths in enumerate(block.get("layers", [])):
-        got = {k: layers[idx].get(k) for k in widths}
-        if got != widths:
-            raise PrunedModelError(f"{path}: layer {idx} weights have widths {got}, config.json says {widths}; "
-                                   "the directory is mixed up, save the model again")
-    return {
-        "path": str(path), "model_type": config.get("model_type"), "head_dim": head_dim,
-        "uniform": block.get("uniform", True), "achieved_ratio": block.get("achieved_ratio"),
-        "original": block.get("original"),
-        "layers": [dict(layer=i, **layers[i]) for i in sorted(layers)],
-        "other_params": other, "total_params": other + sum(v["params"] for v in layers.values()),
-    }
-
-
 def cmd_inspect(args) -> int:
+    from .io import inspect_dir
+
     info = inspect_dir(args.dir)
     if args.json:
         print(json.dumps(info, indent=1))

@@ -69,11 +69,14 @@ def test_prune_inspect_eval_session(work, tmp_path, capsys):
     report = json.loads((out / "loraprune_report.json").read_text())
     assert report["achieved_ratio"] == pytest.approx(0.5, abs=0.01)
     assert report["eval"]["ppl_after"] > 1
-    masks = loraprune.Masks.from_dict(json.loads((out / "loraprune_masks.json").read_text()))
+    saved_masks = json.loads((out / "loraprune_masks.json").read_text())
+    # the full file of save_pruned, not a bare copy of the indices (issue 11)
+    assert (saved_masks["head_dim"], saved_masks["q_per_kv"]) == (8, 1) and "KV group g owns" in saved_masks["description"]
+    masks = loraprune.Masks.from_dict(saved_masks)
     assert masks.kept_kv() == [2, 2]
 
     model = loraprune.load_pruned(out)
-    info = cli.inspect_dir(out)  # headers only; checked against the loaded model
+    info = loraprune.io.inspect_dir(out)  # headers only; checked against the loaded model
     for i, layer in enumerate(model.model.layers):
         row = info["layers"][i]
         assert row["params"] == sum(p.numel() for p in layer.parameters())
