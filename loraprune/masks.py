@@ -48,9 +48,6 @@ class Masks:
     def kept_channels(self) -> list[int]:
         return [int(m.sum()) for m in self.mlp_keep]
 
-    def is_uniform(self) -> bool:
-        return len(set(self.kept_kv())) == 1 and len(set(self.kept_channels())) == 1
-
     def to_dict(self) -> dict:
         """Kept indices per layer (JSON-friendly)."""
         return {

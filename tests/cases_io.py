@@ -154,3 +154,125 @@ CASES = [
     Case("gguf-missing-file", lambda p: lp_gguf.load_gguf(p / "model.gguf"), r"model\.gguf does not exist"),
     Case("gguf-not-a-gguf-file", _gguf_without_magic, r"is not a GGUF file"),
 ]
+
+
+def _resume_with_other_data(tmp_path):
+    from loraprune.checkpoint import Checkpointer, fingerprint
+
+    pruner = loraprune.LoRAPruner(tiny_model(), ratio=0.5)
+    opt = torch.optim.AdamW(pruner.lora_parameters())
+    Checkpointer(tmp_path, every=1, fingerprint=fingerprint(tiny_model(), ["some text"])).save(pruner, opt, 1)
+    Checkpointer(tmp_path, fingerprint=fingerprint(tiny_model(), ["other text"])).restore(pruner, opt)
+
+
+CASES.append(Case("checkpoint-resume-other-data", _resume_with_other_data,
+                  r"written for other data than this run; .*allow_mismatch=True \(CLI: --force-resume\)"))
+
+
+# ---- the command line: one line "loraprune: error: ...", exit status 2 ---------------------------
+class CLIRefused(loraprune.errors.LoRAPruneError):
+    """What a CLI case raises: the one error line the command printed."""
+
+
+def run_cli(argv):
+    """Run ``loraprune.cli.main(argv)``; a refusal must be exit 2 with one ``loraprune: error:`` line (raised here)."""
+    import contextlib
+    import io
+
+    from loraprune.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("loraprune: error: ")]
+    if code != 2 or len(errors) != 1 or lines[-1] != errors[0]:
+        raise AssertionError(f"expected exit 2 and one 'loraprune: error:' line; got {code}: {err.getvalue()!r}")
+    raise CLIRefused(errors[0])
+
+
+def _inputs(tmp_path: Path) -> dict:
+    """Paths that exist (the model directory's content is never read by these cases)."""
+    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "data.txt").write_text("some text " * 50)
+    return {"model": tmp_path / "model", "data": tmp_path / "data.txt", "out": tmp_path / "out"}
+
+
+def _prune(*extra, model=None, data=None, out=None):
+    """A CLI case: ``loraprune prune`` with the given inputs (defaults: existing paths) and extra options."""
+    def call(tmp_path):
+        p = _inputs(tmp_path)
+        out_dir = out(tmp_path) if callable(out) else p["out"]
+        argv = ["prune", "--model", str(model(tmp_path) if model else p["model"]),
+                "--data", str(data(tmp_path) if data else p["data"]), "--output", str(out_dir), *extra]
+        run_cli([a(tmp_path) if callable(a) else a for a in argv])
+    return call
+
+
+def _finished_model(tmp_path):
+    out = _nonempty(tmp_path)
+    (out / "config.json").write_text("{}")
+    return out
+
+
+def _other_runs_checkpoints(tmp_path):
+    step = tmp_path / "out" / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)
+    for name in ("meta.json", "state.safetensors"):
+        (step / name).write_text("{}")
+    (step.parent / "run.json").write_text(json.dumps({"model": "elsewhere", "data": "other.txt"}))
+    return tmp_path / "out"
+
+
+def _not_gguf(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"\0" * 32)
+    return tmp_path / "m.gguf"
+
+
+def _eval(*argv):
+    def call(tmp_path):
+        p = _inputs(tmp_path)
+        run_cli(["eval", *[str(a(p) if callable(a) else a) for a in argv]])
+    return call
+
+
+CASES += [
+    Case("cli-output-not-empty", _prune(out=_nonempty), r"^loraprune: error: --output .* is not empty; pass --overwrite"),
+    Case("cli-output-is-a-file", _prune(out=lambda p: _a_file(p)), r"--output .* exists and is not a directory"),
+    Case("cli-resume-a-finished-model", _prune("--resume", out=_finished_model),
+         r"holds config\.json, notes\.txt besides checkpoints/ \(it holds a finished model\): nothing to resume"),
+    Case("cli-resume-another-run", _prune("--resume", out=_other_runs_checkpoints),
+         r"belong to another run \(differs in .*data.*pass --force-resume"),
+    Case("cli-resume-without-checkpoints", _prune("--resume", "--checkpoint-every", "0"),
+         r"--resume needs checkpoints: drop --checkpoint-every 0"),
+    Case("cli-force-resume-alone", _prune("--force-resume"), r"--force-resume only applies with --resume"),
+    Case("cli-model-missing", _prune(model=lambda p: p / "no-model"), r"--model .*no-model does not exist"),
+    Case("cli-model-is-a-file", _prune(model=lambda p: _a_file(p)), r"--model .* is a file, not a model directory"),
+    Case("cli-model-gguf-missing", _prune(model=lambda p: p / "x.gguf"), r"--model .*x\.gguf does not exist"),
+    Case("cli-model-not-a-gguf", _prune(model=_not_gguf), r"m\.gguf is not a GGUF file"),
+    Case("cli-data-missing", _prune(data=lambda p: p / "corpus.txt"), r"--data .*corpus\.txt does not exist"),
+    Case("cli-tokenizer-missing", _prune("--tokenizer", lambda p: str(p / "tok")), r"--tokenizer .*tok does not exist"),
+    Case("cli-eval-data-missing", _prune("--eval-data", "./held-out.txt"), r"--eval-data \./held-out\.txt does not"),
+    Case("cli-ratio-zero", _prune("--ratio", "0"), r"ratio must be > 0, got 0\.0 \(--ratio\)"),
+    Case("cli-ratio-above-one", _prune("--ratio", "1.5"), r"ratio must be < 1, got 1\.5 \(--ratio\)"),
+    Case("cli-ratio-not-a-number", _prune("--ratio", "half"), r"argument --ratio: invalid float value: 'half'"),
+    Case("cli-criterion-unknown", _prune("--criterion", "taylor"), r"argument --criterion: invalid choice: 'taylor'"),
+    Case("cli-skip-layers-garbage", _prune("--skip-layers", "first"), r"pass 'paper', 'none' or comma-separated"),
+    Case("cli-prune-end-garbage", _prune("--prune-end", "late"), r"a step number \(150\) or a fraction"),
+    Case("cli-uniform-with-skip-layers", _prune("--uniform", "--skip-layers", "0"), r"uniform=True needs every layer"),
+    Case("cli-eval-windows-zero", _prune("--eval-windows", "0"), r"--eval-windows must be >= 1"),
+    Case("cli-unknown-option", _prune("--ratoi", "0.3"), r"unrecognized arguments: --ratoi"),
+    Case("cli-missing-required", lambda p: run_cli(["prune", "--model", "m"]),
+         r"the following arguments are required: --data, --output \(see 'loraprune prune --help'\)"),
+    Case("cli-inspect-not-a-model", lambda p: _inputs(p) and run_cli(["inspect", str(p)]), r"has no config\.json"),
+    Case("cli-inspect-missing", lambda p: run_cli(["inspect", str(p / "gone")]), r"gone does not exist"),
+    Case("cli-eval-data-missing-file", _eval("--model", lambda p: p["model"], "--data", "/no/such/test.txt"),
+         r"--data /no/such/test\.txt does not exist"),
+    Case("cli-eval-model-missing", _eval("--model", "./nothing", "--data", lambda p: p["data"]),
+         r"--model \./nothing does not exist"),
+    Case("cli-eval-baseline-missing", _eval("--model", lambda p: p["model"], "--data", lambda p: p["data"],
+                                            "--baseline", "./dense"), r"--baseline \./dense does not exist"),
+]
