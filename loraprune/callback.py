@@ -120,9 +120,9 @@ class LoRAPruneCallback(TrainerCallback):
         if self._finalized is None:
             from .io import attach_export
 
-            masks = self.pruner.state.masks.clone()
+            # compact() attaches the kept indices of the masks it cut (the target
+            # masks, reached by finalize() even if training stopped early)
             self._finalized = attach_export(self.pruner.finalize())
-            self._finalized.loraprune_masks = masks
         return self._finalized
 
     # ---- Trainer events ---------------------------------------------------------------

@@ -12,86 +12,75 @@ same object:
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import warnings
+
 import torch
 import torch.nn as nn
 
 from .allocation import allocate, resolve_skip
 from .archs import arch_for, decoder_layers, layer_projections, get_submodule
 from .compaction import compact
-from .criterion import check_criterion, needs_weight_grad, score_module
+from .config import RUN_DEFINING, PruneConfig
+from .criterion import Importance, make_importance
+from .errors import ConfigError
 from .groups import build_layer_groups, layer_projection_params
 from .lora import LoRALinear, is_peft_lora_layer, unwrap_peft, wrap_linear
 from .schedule import CubicSchedule
 from .state import PruningState
 
-NORMALIZE = (None, "module")
-
 
 class LoRAPruner:
-    """LoRA-guided iterative structured pruning of one model (see module doc)."""
+    """LoRA-guided iterative structured pruning of one model (see module doc).
 
-    def __init__(
-        self,
-        model: nn.Module,
-        ratio: float = 0.5,
-        schedule: CubicSchedule | None = None,
-        criterion: str = "lora",
-        lora_r: int = 8,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.05,
-        square: bool = False,
-        normalize: str | None = None,
-        ema: float = 0.9,
-        skip_layers=None,
-        ranking: str = "layer",
-        round_to: int = 1,
-        uniform: bool = False,
-        seed: int = 0,
-    ):
-        self.criterion = check_criterion(criterion)
-        if normalize not in NORMALIZE:
-            raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    ``LoRAPruner(model, config)`` or ``LoRAPruner(model, ratio=0.5, criterion="lora", ...)``
+    (keyword overrides of :class:`~loraprune.config.PruneConfig`). ``schedule``
+    defaults to none: :func:`loraprune.prune` and the Trainer callback build
+    one from the run length. Everything about the model is checked before it
+    is touched; :meth:`restore` undoes the LoRA injection if a run is abandoned.
+    """
+
+    def __init__(self, model: nn.Module, config: PruneConfig | None = None, schedule: CubicSchedule | None = None,
+                 **overrides):
+        if isinstance(config, (int, float)) and not isinstance(config, bool):
+            overrides.setdefault("ratio", config)  # LoRAPruner(model, 0.5)
+            config = None
+        cfg = PruneConfig.from_kwargs(config, **overrides)
+        self.config = cfg
         self.model = unwrap_peft(model)
+        # ---- plan (reads the model, changes nothing) ----
         self.spec = arch_for(self.model)
         self.layers = build_layer_groups(self.model, self.spec)
-        skip = resolve_skip(skip_layers, len(self.layers))
-        if uniform:
-            if skip or ranking != "layer":
-                raise ValueError("uniform=True needs every layer pruned alike: drop skip_layers and use ranking='layer'")
+        skip = resolve_skip(cfg.skip_layers, len(self.layers))
+        if cfg.uniform:
             shapes = {(lg.n_kv, lg.n_channels) for lg in self.layers}
             if len(shapes) > 1:
-                raise ValueError(f"uniform=True needs layers of one shape; this model's layers have widths {sorted(shapes)}")
-        if ranking == "global" and round_to > 1:
-            raise ValueError("round_to applies per layer: use ranking='layer' with round_to > 1")
+                raise ConfigError(f"uniform=True needs layers of one shape; this model's layers have widths {sorted(shapes)}")
         self.total_params = sum(layer_projection_params(self.model, self.spec))
-        self.allocation = allocate(self.layers, ratio, self.total_params, skip, round_to)
-        self.state = PruningState(self.layers, self.allocation, ema=ema, ranking=ranking, skip=skip)
+        self.allocation = allocate(self.layers, cfg.ratio, self.total_params, skip, cfg.round_to)
+        self.state = PruningState(self.layers, self.allocation, ema=cfg.ema, ranking=cfg.ranking, skip=skip)
         self.schedule = schedule
-        self.square = square
-        self.normalize = normalize
-        self.settings = dict(
-            ratio=ratio, criterion=criterion, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            square=square, normalize=normalize, ema=ema, skip_layers=sorted(skip), ranking=ranking,
-            round_to=round_to, uniform=uniform, seed=seed,
-        )
-        self.modules = self._inject_lora(lora_r, lora_alpha, lora_dropout, seed)
+        self.settings = {k: v for k, v in cfg.to_dict().items() if k in RUN_DEFINING}
+        self.settings["skip_layers"] = sorted(skip)
+        self.importance: Importance = make_importance(cfg)
+        # ---- attach (changes the model; undone by restore()) ----
+        self._saved_requires_grad = {id(p): p.requires_grad for p in self.model.parameters()}
+        self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
+        self.modules = self._inject_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.seed)
         leftover = [n for n, m in self.model.named_modules() if is_peft_lora_layer(m)]
         if leftover:
-            raise ValueError(
+            self.restore()
+            raise ConfigError(
                 f"the PeftModel has LoRA layers outside the decoder projections ({', '.join(leftover[:4])}); "
                 "loraprune continues adapters on q/k/v/o/gate/up/down only. Merge the others first "
                 "(e.g. peft_model.merge_and_unload()) or target only the projections"
             )
-        if criterion == "random":
-            gen = torch.Generator().manual_seed(seed)
-            self.state.observe(
-                [torch.rand(lg.n_kv, generator=gen) for lg in self.layers],
-                [torch.rand(lg.n_channels, generator=gen) for lg in self.layers],
-            )
-        if needs_weight_grad(criterion):
-            for mods in self.modules:
-                for m in mods.values():
-                    m.enable_weight_grad(True)
+        self.importance.attach(self)
+
+    @property
+    def criterion(self) -> str:
+        return self.config.criterion
 
     # ---- set-up ---------------------------------------------------------------
     def _inject_lora(self, r, alpha, dropout, seed) -> list[dict[str, LoRALinear]]:
@@ -104,50 +93,71 @@ class LoRAPruner:
             for name, module in layer_projections(layer, self.spec).items():
                 parent = get_submodule(layer, self.spec.attn if name in self.spec.attn_projections else self.spec.mlp)
                 lora = wrap_linear(module, r, alpha, dropout)
+                self._replaced.append((parent, name, module))
                 setattr(parent, name, lora)
                 wrapped[name] = lora
             out.append(wrapped)
         return out
 
+    def restore(self) -> None:
+        """Put the model back as it was given: original projection modules (LoRA and
+        masks gone), ``requires_grad`` flags. Used when a run fails or is abandoned."""
+        self.importance.detach(self)
+        for parent, name, module in reversed(self._replaced):
+            setattr(parent, name, module)
+        self._replaced = []
+        for p in self.model.parameters():
+            if id(p) in self._saved_requires_grad:
+                p.requires_grad_(self._saved_requires_grad[id(p)])
+                p.grad = None
+
+    def lora_modules(self) -> list[LoRALinear]:
+        return [m for mods in self.modules for m in mods.values()]
+
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [p for mods in self.modules for m in mods.values() for p in (m.lora_A, m.lora_B)]
+        return [p for m in self.lora_modules() for p in (m.lora_A, m.lora_B)]
+
+    @contextlib.contextmanager
+    def dense_teacher(self):
+        """Inside: the model computes the original dense network (LoRA and masks off).
+
+        The self-distillation teacher: the same frozen weights, so it costs one
+        extra forward pass and no second copy of the model.
+        """
+        mods = self.lora_modules()
+        for m in mods:
+            m.bypass = True
+        try:
+            yield self.model
+        finally:
+            for m in mods:
+                m.bypass = False
 
     # ---- scoring ----------------------------------------------------------------
-    def _vector(self, module: LoRALinear, rows: bool) -> torch.Tensor:
-        row_sums, col_sums = score_module(module, self.criterion, self.square)
-        v = row_sums if rows else col_sums
-        if self.normalize == "module":
-            v = v / v.sum().clamp_min(torch.finfo(v.dtype).tiny)
-        return v
-
     @torch.no_grad()
-    def score(self) -> None:
-        """Fold this step's gradients into the EMA group scores (call after backward)."""
-        if self.criterion == "random":
-            return
-        s = self.spec
-        attn, mlp = [], []
-        for lg, mods in zip(self.layers, self.modules):
-            attn.append(lg.attn_group_sums(
-                self._vector(mods[s.q], True), self._vector(mods[s.k], True),
-                self._vector(mods[s.v], True), self._vector(mods[s.o], False),
-            ))
-            mlp.append(lg.mlp_group_sums(
-                self._vector(mods[s.gate], True), self._vector(mods[s.up], True), self._vector(mods[s.down], False),
-            ))
-            if self.criterion == "grad":
-                for m in mods.values():
-                    m.base.weight.grad = None
+    def score(self) -> bool:
+        """Fold this step's evidence into the EMA group scores (call after backward,
+        after gradient clipping). Returns False if the scores were not finite (the
+        step is then left out of the EMA, with a warning)."""
+        scores = self.importance.scores(self)
+        if scores is None:
+            return True
+        attn, mlp = scores
+        finite = all(bool(torch.isfinite(t).all()) for t in attn + mlp)
+        if not finite:
+            warnings.warn("non-finite importance scores this step; left out of the EMA", RuntimeWarning, stacklevel=2)
+            return False
         self.state.observe(attn, mlp)
+        return True
 
     def discard_grads(self) -> None:
         """Drop every gradient the engine's layers hold (LoRA factors and, for the
-        ``grad`` criterion, the frozen weights): a skipped step must not leak into
-        the next one."""
-        for mods in self.modules:
-            for m in mods.values():
-                m.lora_A.grad = m.lora_B.grad = None
-                m.base.weight.grad = None
+        ``grad`` criterion, the frozen weights) and whatever the criterion gathered
+        this step: a skipped step must not leak into the next one."""
+        for m in self.lora_modules():
+            m.lora_A.grad = m.lora_B.grad = None
+            m.base.weight.grad = None
+        self.importance.clear(self)
 
     # ---- masks ------------------------------------------------------------------
     def apply_masks(self) -> None:
@@ -186,7 +196,7 @@ class LoRAPruner:
     def report(self) -> dict:
         removed = self.removed_params()
         achieved = removed / self.total_params
-        target = self.settings["ratio"]
+        target = self.config.ratio
         return {
             "settings": dict(self.settings),
             "projection_params": self.total_params,
@@ -207,10 +217,12 @@ class LoRAPruner:
         """
         self.reach_target()
         report = self.report()
-        for mods in self.modules:
-            for m in mods.values():
-                m.enable_weight_grad(False)
+        self.importance.detach(self)
+        # the pruned model gets its own config: the user's config object (shared
+        # with other models built from it) must not shrink with this one
+        self.model.config = copy.deepcopy(self.model.config)
         model = compact(self.model, self.state.masks, self.spec, merge=merge)
+        self._replaced = []
         block = dict(model.config.loraprune)
         block.update(report)
         model.config.loraprune = block

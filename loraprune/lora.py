@@ -53,6 +53,7 @@ class LoRALinear(nn.Module):
         self.dropout = float(dropout)
         self.keep: torch.Tensor | None = None  # kept output channels, None = all
         self.weight_grad = False  # True only for the "grad" baseline criterion
+        self.bypass = False  # True: compute the frozen dense layer alone (the distillation teacher)
 
     # nn.Linear look-alike attributes, so shape-reading code treats both alike
     @property
@@ -85,6 +86,8 @@ class LoRALinear(nn.Module):
         self.base.weight.requires_grad_(on)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return F.linear(x, self.base.weight, self.base.bias)
         p = self.dropout if self.training else 0.0
         if not self.weight_grad:
             return kernels.lora_linear(

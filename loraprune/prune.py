@@ -1,17 +1,29 @@
-"""``loraprune.prune``: one call from a Hugging Face model to a smaller dense one."""
+"""``loraprune.prune``: one call from a Hugging Face model to a smaller dense one.
+
+This module holds the one training loop of the project (the Trainer callback
+drives the same :class:`~loraprune.engine.LoRAPruner` from ``transformers.Trainer``
+instead). One optimiser step: ``grad_accum`` micro-batches (forward, the loss —
+the LM loss, or its mix with self-distillation from the dense model — and
+backward), then, if everything is finite, gradient clipping, scoring (after
+clipping, as in the callback, where Trainer clips before the hook), the
+learning rate of the schedule, the AdamW step, and the mask update.
+"""
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import make_batches
-from .errors import LoRAPruneError
+from .config import PruneConfig
+from .data import DataError, make_batches
 from .engine import LoRAPruner
+from .errors import LoRAPruneError
 from .io import attach_export
 from .schedule import CubicSchedule
 
@@ -26,131 +38,183 @@ def _finite_grads(params) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
 
-def train_step(model, pruner: LoRAPruner, batch: dict, device) -> float | None:
-    """Forward, backward and scoring of one batch; ``None`` if loss or gradients are not finite."""
-    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    loss = model(**batch).loss
-    if loss is None:
-        raise ValueError("the model returned no loss: batches need 'labels' (or text data, which gets them)")
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (1-based) of ``steps``."""
+    progress = (step - 1) / steps
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def _trained_tokens(batch: dict) -> torch.Tensor:
+    """Which positions' next-token predictions count in the loss (B x T-1, bool)."""
+    labels = batch.get("labels", batch["input_ids"])
+    valid = labels[:, 1:] != -100
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        valid = valid & mask[:, 1:].bool()
+    return valid
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Mean over trained positions of ``KL(teacher || student)`` at ``temperature``, times T²."""
+    t = temperature
+    s = F.log_softmax(student_logits[:, :-1].float() / t, dim=-1)[valid]
+    p = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)[valid]
+    kl = F.kl_div(s, p, log_target=True, reduction="none").sum(-1)
+    return kl.mean() * (t * t)
+
+
+def micro_step(pruner: LoRAPruner, batch: dict, config: PruneConfig, scale: float) -> float | None:
+    """Forward and backward of one micro-batch (loss times ``scale``); the unscaled loss,
+    or ``None`` if it is not finite (nothing is back-propagated then)."""
+    model = pruner.model
+    valid = _trained_tokens(batch)
+    if not bool(valid.any()):
+        raise DataError("a batch has no token to train on (its labels are all -100 or its attention_mask is all 0); "
+                        "give batches with real targets")
+    teacher = None
+    if config.distill > 0:
+        with torch.no_grad(), pruner.dense_teacher():
+            teacher = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    out = model(**batch)
+    if out.loss is None:
+        raise DataError("the model returned no loss: batches need 'labels' (or text data, which gets them)")
+    loss = out.loss
+    if teacher is not None:
+        kd = distillation_loss(out.logits, teacher, valid.to(out.logits.device), config.distill_temperature)
+        loss = (1.0 - config.distill) * loss + config.distill * kd
     if not torch.isfinite(loss):
         return None
-    loss.backward()
-    if not _finite_grads(pruner.lora_parameters()):
-        return None
-    pruner.score()
-    return loss.item()
+    (loss * scale).backward()
+    return float(loss.detach())
 
 
-def prune(
-    model: nn.Module,
-    data,
-    ratio: float = 0.5,
-    tokenizer=None,
-    *,
-    steps: int = 200,
-    lr: float = 2e-4,
-    lora_r: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.05,
-    criterion: str = "lora",
-    square: bool = False,
-    normalize: str | None = None,
-    ema: float = 0.9,
-    prune_start: float | int = 0.0,
-    prune_end: float | int = 0.75,
-    prune_every: int | None = None,
-    skip_layers=None,
-    ranking: str = "layer",
-    round_to: int = 1,
-    uniform: bool = False,
-    seq_len: int = 128,
-    batch_size: int = 4,
-    weight_decay: float = 0.0,
-    max_grad_norm: float | None = 1.0,
-    max_bad_steps: int = 5,
-    seed: int = 0,
-    progress: bool = True,
-    checkpoint_dir=None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-    merge: bool = True,
-    on_step=None,
-) -> nn.Module:
-    """Prune ``ratio`` of the decoder-projection parameters of ``model`` and return it compacted.
+def _on_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tokenizer=None, *, on_step=None,
+          **overrides) -> nn.Module:
+    """Prune ``config.ratio`` of the decoder-projection parameters of ``model`` and return it compacted.
+
+    Args:
+        model: a ``transformers`` LLaMA-family causal LM (LLaMA, Mistral, Qwen2,
+            Qwen3), or a ``peft`` ``PeftModel`` with LoRA on its projections.
+        data: batches (dicts with ``input_ids``, optionally ``attention_mask`` and
+            ``labels``), strings, paths to ``.txt``/``.jsonl`` files or folders, a
+            ``datasets.Dataset``, or a hub dataset name (see :mod:`loraprune.data`).
+        config: a :class:`~loraprune.config.PruneConfig` (or a float: the ratio).
+        tokenizer: needed when ``data`` is text.
+        on_step: ``on_step(step, pruner, loss)`` after every optimiser step
+            (``loss`` is ``None`` for a skipped step): logging, or reading the
+            engine's masks, EMA scores and schedule.
+        **overrides: any :class:`PruneConfig` field, e.g. ``ratio=0.3, steps=400``.
+
+    Returns:
+        The same model object, physically smaller, LoRA merged (unless
+        ``merge=False``), with ``config.loraprune`` describing what was done.
 
     LoRA adapters train on the frozen weights for ``steps`` optimiser steps;
-    their gradients score every attention KV group and MLP channel (the
-    ``criterion``), the scores are EMA-smoothed, and masks grow on a cubic
-    schedule from ``prune_start`` to ``prune_end`` (fractions of ``steps`` or
-    step numbers) every ``prune_every`` steps. The loss always sees the masked
-    network; the steps after ``prune_end`` are recovery on the final mask. At
-    the end the masked groups are cut out and LoRA is merged: the returned
-    model is the same object, smaller, with ``config.loraprune`` describing
-    what was done. ``merge=False`` keeps the LoRA layers (gathered to the pruned
-    shapes) for :func:`loraprune.export_adapter`. ``on_step(step, pruner, loss)`` is
-    called after every optimiser step (loss ``None`` for a skipped step): for
-    logging, or to read the engine's masks, EMA scores and schedule. See the
-    README for every option.
+    the criterion scores every attention KV group and MLP channel, the scores
+    are EMA-smoothed, and masks grow on a cubic schedule from ``prune_start``
+    to ``prune_end``; the steps after it are recovery on the final mask.
+    Everything is checked before the model is touched; if the run fails, the
+    model is put back as it was given (the error is re-raised).
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if resume and not checkpoint_dir:
-        raise ValueError("resume=True needs checkpoint_dir=<the directory of the interrupted run>")
-    if checkpoint_dir and checkpoint_every is None:
-        checkpoint_every = max(1, steps // 10)
-    torch.manual_seed(seed)
-    schedule = CubicSchedule.for_run(steps, prune_start, prune_end, prune_every)
-    pruner = LoRAPruner(
-        model, ratio=ratio, schedule=schedule, criterion=criterion, lora_r=lora_r, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, square=square, normalize=normalize, ema=ema, skip_layers=skip_layers,
-        ranking=ranking, round_to=round_to, uniform=uniform, seed=seed,
-    )
+    if isinstance(config, (int, float)) and not isinstance(config, bool):
+        overrides.setdefault("ratio", config)
+        config = None
+    cfg = PruneConfig.from_kwargs(config, **overrides)
+    schedule = CubicSchedule.for_run(cfg.steps, cfg.prune_start, cfg.prune_end, cfg.prune_every)
+    hf_config = getattr(model, "config", None)
+    if hf_config is None:
+        raise TypeError(f"model must be a transformers causal LM (or a PeftModel), got {type(model).__name__}")
+    # the data is checked (and its first batch drawn) before the model is touched
+    batches = make_batches(data, hf_config, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    first = next(batches, None)
+    if first is None:
+        raise DataError("the data gave no batch; pass at least one batch or enough text for one window")
+    batches = itertools.chain([first], batches)
+    torch.manual_seed(cfg.seed)
+    pruner = LoRAPruner(model, cfg, schedule=schedule)
     hf_model = pruner.model
-    device = next(hf_model.parameters()).device
-    batches = make_batches(data, hf_model.config, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed)
-    params = pruner.lora_parameters()
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    use_cache = getattr(hf_model.config, "use_cache", None)
+    was_training = hf_model.training
+    try:
+        pruned = _run(pruner, batches, cfg, schedule, on_step)
+    except BaseException:
+        pruner.restore()
+        hf_model.train(was_training)
+        raise
+    finally:
+        if use_cache is not None:
+            hf_model.config.use_cache = use_cache
+    rep = pruned.config.loraprune
+    log.info("loraprune: removed %.2f%% of decoder-projection parameters (target %.2f%%)",
+             100 * rep["achieved_ratio"], 100 * cfg.ratio)
+    # compact() left the kept indices on the model as ``loraprune_masks``;
+    # merge=False keeps LoRA for loraprune.export_adapter
+    return attach_export(pruned) if cfg.merge else pruned
 
+
+def _run(pruner: LoRAPruner, batches, cfg: PruneConfig, schedule: CubicSchedule, on_step) -> nn.Module:
     from .checkpoint import Checkpointer  # local: checkpointing is optional
 
-    run = dict(steps=steps, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seq_len=seq_len,
-               batch_size=batch_size, schedule=[schedule.start, schedule.end, schedule.every])
-    ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every, run=run) if checkpoint_dir else None
+    hf_model = pruner.model
+    device = next(hf_model.parameters()).device
+    params = pruner.lora_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    every = cfg.checkpoint_every or max(1, cfg.steps // 10)
+    ckpt = Checkpointer(cfg.checkpoint_dir, every=every, run=None) if cfg.checkpoint_dir else None
     start = 0
-    if ckpt is not None and resume:
+    if ckpt is not None and cfg.resume:
         start = ckpt.restore(pruner, optimizer)
     elif ckpt is not None and ckpt.complete():
         raise FileExistsError(
             f"{ckpt.dir} holds checkpoints of an earlier run; pass resume=True to continue it, "
             "or remove them (or choose another checkpoint_dir) to start anew"
         )
-
-    use_cache = getattr(hf_model.config, "use_cache", None)
     hf_model.config.use_cache = False
     hf_model.train()
     bad_in_row = 0
-    bar = tqdm(range(start + 1, steps + 1), desc=f"loraprune {criterion} {ratio:.0%}", disable=not progress,
-               initial=start, total=steps)
-    for _ in range(start):  # replay the data order so a resumed run sees the same batches
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"loraprune {cfg.criterion} {cfg.ratio:.0%}",
+               disable=not cfg.progress, initial=start, total=cfg.steps)
+    for _ in range(start * cfg.grad_accum):  # replay the data order so a resumed run sees the same batches
         next(batches)
     try:
         for step in bar:
-            loss = train_step(hf_model, pruner, next(batches), device)
+            losses = []
+            for _ in range(cfg.grad_accum):
+                loss = micro_step(pruner, _on_device(next(batches), device), cfg, 1.0 / cfg.grad_accum)
+                if loss is None:
+                    break
+                losses.append(loss)
+            loss = sum(losses) / len(losses) if len(losses) == cfg.grad_accum else None
+            if loss is not None and not _finite_grads(params):
+                loss = None
+            if loss is not None and cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if loss is not None and not pruner.score():
+                loss = None
             if loss is None:
                 bad_in_row += 1
                 pruner.discard_grads()
-                warnings.warn(f"step {step}: non-finite loss or gradients; update skipped", RuntimeWarning, stacklevel=2)
-                if bad_in_row >= max_bad_steps:
+                warnings.warn(f"step {step}: non-finite loss, gradients or scores; update skipped", RuntimeWarning,
+                              stacklevel=2)
+                if bad_in_row >= cfg.max_bad_steps:
                     raise NonFiniteLossError(
-                        f"{bad_in_row} steps in a row had NaN/inf loss or gradients; lower lr (now {lr}) "
+                        f"{bad_in_row} steps in a row had NaN/inf loss or gradients; lower lr (now {cfg.lr}) "
                         "or max_grad_norm, or check the data and the model's dtype"
                     )
             else:
                 bad_in_row = 0
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                factor = lr_factor(cfg.lr_schedule, step, cfg.steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * factor
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             pruner.step_end(step)
@@ -162,13 +226,5 @@ def prune(
                 ckpt.save(pruner, optimizer, step)
     finally:
         bar.close()
-        if use_cache is not None:
-            hf_model.config.use_cache = use_cache
     hf_model.eval()
-    pruned = pruner.finalize(merge=merge)
-    rep = pruned.config.loraprune
-    log.info("loraprune: removed %.2f%% of decoder-projection parameters (target %.2f%%)",
-             100 * rep["achieved_ratio"], 100 * ratio)
-    # compact() left the kept indices on the model as ``loraprune_masks``;
-    # merge=False keeps LoRA for loraprune.export_adapter
-    return attach_export(pruned) if merge else pruned
+    return pruner.finalize(merge=cfg.merge)

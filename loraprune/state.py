@@ -1,7 +1,12 @@
 """Pruning state: EMA-smoothed group scores and the masks they decide.
 
 Scores from every step are folded into an exponential moving average
-(``ema`` ≈ 0.9, as the paper). On an update step the state removes, among the
+(``ema`` ≈ 0.9, as the paper) that starts at zero, as the official code's.
+Seeding it with the first observation instead would give step 1 (where
+B = 0, so ∇A = 0 and the LoRA estimate is a random projection of the true
+gradient) a weight of ``ema**(n-1)`` in every later decision: 59% after 6
+steps. Starting at zero gives it ``(1-ema)·ema**(n-1)`` like any other step;
+the ranking equals that of the bias-corrected average. On an update step the state removes, among the
 groups still kept, the lowest-scoring ones until the schedule's share of the
 final :class:`~loraprune.allocation.Allocation` is reached. Masks only grow:
 a group once removed stays removed, which is what makes the final cut
@@ -36,8 +41,8 @@ class PruningState:
 
     # ---- scores -------------------------------------------------------------
     def observe(self, attn_scores: list[torch.Tensor], mlp_scores: list[torch.Tensor]) -> None:
-        """Fold one step's group scores into the EMA (the first one seeds it)."""
-        lam = self.ema if self.observations else 0.0
+        """Fold one step's group scores into the EMA (which starts at zero)."""
+        lam = self.ema
         for i, (a, m) in enumerate(zip(attn_scores, mlp_scores)):
             self.attn_score[i].mul_(lam).add_(a.detach().float().cpu(), alpha=1 - lam)
             self.mlp_score[i].mul_(lam).add_(m.detach().float().cpu(), alpha=1 - lam)

@@ -46,11 +46,11 @@ SLOW_CLI = textwrap.dedent(
     """
     import importlib, sys, time
     P = importlib.import_module("loraprune.prune")  # the module (the package exports a function of that name)
-    real = P.train_step
+    real = P.micro_step
     def slow(*a, **k):
         time.sleep(0.4)
         return real(*a, **k)
-    P.train_step = slow
+    P.micro_step = slow
     from loraprune.cli import main
     sys.exit(main(sys.argv[1:]))
     """
@@ -126,7 +126,7 @@ def test_resume_refuses_other_options_and_damaged_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="other settings .*ratio"):
         loraprune.prune(tiny_model(), batches, ratio=0.3, steps=8, checkpoint_dir=tmp_path, resume=True,
                         progress=False)
-    with pytest.raises(CheckpointError, match="other options .*lr"):
+    with pytest.raises(CheckpointError, match="other settings .*lr"):
         loraprune.prune(tiny_model(), batches, ratio=0.5, steps=8, lr=1e-3, checkpoint_dir=tmp_path, resume=True,
                         progress=False)
     with pytest.raises(CheckpointError, match="different model"):
