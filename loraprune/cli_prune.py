@@ -219,20 +219,6 @@ def _perplexity(model, tokenizer, args, cfg) -> float:
                       max_windows=args.eval_windows, progress=not args.no_progress)
 
 
-def _call_prune(model, data, cfg, tokenizer, **run):
-    """TEMPORARY until prune() takes a PruneConfig (then: prune(model, data, cfg, tokenizer=..., **run))."""
-    import inspect
-
-    from .prune import prune
-
-    params = inspect.signature(prune).parameters
-    if "config" in params:
-        return prune(model, data, cfg, tokenizer=tokenizer, **run)
-    kwargs = {k: v for k, v in cfg.to_dict().items() if k in params}
-    kwargs.update(run)
-    return prune(model, data, tokenizer=tokenizer, **kwargs)
-
-
 def checkpoints_off(args) -> bool:
     """``--checkpoint-every 0``: the CLI's way to switch checkpoints off (it checkpoints by default)."""
     return args.checkpoint_every == 0
@@ -240,6 +226,7 @@ def checkpoints_off(args) -> bool:
 
 def cmd_prune(args) -> int:
     from .groups import layer_projection_params
+    from .prune import prune
     from .report import PruneReport
 
     cfg = config_from_args(args)  # every option checked before anything is loaded
@@ -263,8 +250,8 @@ def cmd_prune(args) -> int:
     ppl_before = _perplexity(model, tokenizer, args, cfg) if args.eval_data else None
 
     started = time.time()
-    pruned = _call_prune(model, args.data, cfg, tokenizer, progress=not args.no_progress,
-                         checkpoint_dir=None if checkpoints_off(args) else str(out), resume=args.resume)
+    pruned = prune(model, args.data, cfg, tokenizer=tokenizer, progress=not args.no_progress,
+                   checkpoint_dir=None if checkpoints_off(args) else str(out), resume=args.resume)
     seconds = time.time() - started
     ppl_after = _perplexity(pruned, tokenizer, args, cfg) if args.eval_data else None
 
