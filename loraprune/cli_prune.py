@@ -211,6 +211,17 @@ def claim_output(out: Path, resume: bool, run: dict) -> None:
     write_json(ckpt_dir / RUN_FILE, run)
 
 
+def release_output(out: Path, created: bool) -> None:
+    """After a failed run: keep complete checkpoints (for --resume), remove what :func:`claim_output` added otherwise."""
+    from .checkpoint import Checkpointer
+
+    if Checkpointer(out).complete():
+        return
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
 # ------------------------------------------------------------------------ the command
 def _perplexity(model, tokenizer, args, cfg) -> float:
     from .eval import perplexity
@@ -244,14 +255,19 @@ def cmd_prune(args) -> int:
     run = run_record(args, cfg)
     check_output(out, args.resume, args.overwrite, run, force=args.force_resume)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
-    claim_output(out, args.resume, run)
     dense_layers = layer_projection_params(model)
     dense_total = sum(p.numel() for p in model.parameters())
     ppl_before = _perplexity(model, tokenizer, args, cfg) if args.eval_data else None
 
+    created = not out.exists()
+    claim_output(out, args.resume, run)
     started = time.time()
-    pruned = prune(model, args.data, cfg, tokenizer=tokenizer, progress=not args.no_progress,
-                   checkpoint_dir=None if checkpoints_off(args) else str(out), resume=args.resume)
+    try:
+        pruned = prune(model, args.data, cfg, tokenizer=tokenizer, progress=not args.no_progress,
+                       checkpoint_dir=None if checkpoints_off(args) else str(out), resume=args.resume)
+    except BaseException:
+        release_output(out, created)
+        raise
     seconds = time.time() - started
     ppl_after = _perplexity(pruned, tokenizer, args, cfg) if args.eval_data else None
 

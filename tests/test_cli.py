@@ -143,6 +143,7 @@ def test_unsupported_architecture_and_missing_modules(tmp_path, capsys, work):
     argv = prune_argv(work, tmp_path / "o", "--tokenizer", str(work / "model"))
     argv[argv.index("--model") + 1] = str(tmp_path / "gpt2")
     assert "no group definition for model_type='gpt2'" in error_of(capsys, argv)
+    assert not (tmp_path / "o").exists()  # a failed run leaves no output directory behind
     argv[argv.index("--model") + 1] = str(work / "data" / "a.txt")
     assert "is a file, not a model directory" in error_of(capsys, argv)
 

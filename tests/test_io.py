@@ -192,3 +192,20 @@ def test_biased_llama_with_indivisible_head_count_goes_out_per_layer(tmp_path):
     assert (_logits(again) - want).abs().max() <= 1e-5
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
     assert (_logits(remote) - want).abs().max() <= 1e-5
+
+
+def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    import os
+
+    from loraprune.io import write_atomic, write_json
+
+    write_json(tmp_path / "r.json", {"a": 1})
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(tmp_path / "r.json", "{}")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
