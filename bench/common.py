@@ -15,7 +15,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,19 +74,10 @@ def command_line() -> str:
 
 
 def write_json(path: Path, payload: dict) -> Path:
-    """Atomic JSON write: a temporary sibling renamed into place (no half-written results)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1, default=_jsonable)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Atomic JSON write (:func:`loraprune.io.write_atomic`): no half-written results."""
+    from loraprune.io import write_atomic
+
+    return write_atomic(path, json.dumps(payload, indent=1, default=_jsonable))
 
 
 def _jsonable(obj):

@@ -23,8 +23,6 @@ class ArchSpec:
     """
 
     model_type: str
-    config_class: str  # name in ``transformers``
-    causal_lm_class: str  # name in ``transformers``
     layers: str = "model.layers"  # dotted path to the nn.ModuleList of decoder layers
     attn: str = "self_attn"
     q: str = "q_proj"
@@ -38,16 +36,6 @@ class ArchSpec:
     notes: str = ""
 
     @property
-    def row_pruned(self) -> tuple[str, ...]:
-        """Projections whose *output rows* a group owns (q, k, v, gate, up)."""
-        return (self.q, self.k, self.v, self.gate, self.up)
-
-    @property
-    def col_pruned(self) -> tuple[str, ...]:
-        """Projections whose *input columns* a group owns (o, down)."""
-        return (self.o, self.down)
-
-    @property
     def attn_projections(self) -> tuple[str, ...]:
         return (self.q, self.k, self.v, self.o)
 
@@ -59,10 +47,10 @@ class ArchSpec:
 ARCHS: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
-        ArchSpec("llama", "LlamaConfig", "LlamaForCausalLM", notes="LLaMA-1/2/3.x, MHA and GQA"),
-        ArchSpec("mistral", "MistralConfig", "MistralForCausalLM", notes="GQA, sliding window"),
-        ArchSpec("qwen2", "Qwen2Config", "Qwen2ForCausalLM", notes="q/k/v carry a bias"),
-        ArchSpec("qwen3", "Qwen3Config", "Qwen3ForCausalLM", notes="q_norm/k_norm act per head_dim, untouched by head pruning"),
+        ArchSpec("llama", notes="LLaMA-1/2/3.x, MHA and GQA"),
+        ArchSpec("mistral", notes="GQA, sliding window"),
+        ArchSpec("qwen2", notes="q/k/v carry a bias"),
+        ArchSpec("qwen3", notes="q_norm/k_norm act per head_dim, untouched by head pruning"),
     )
 }
 

@@ -7,19 +7,31 @@ state. Each one is written to a temporary directory and renamed into
 complete checkpoint or none; resume picks the newest complete one. Resuming
 replays the data order, so the resumed run ends with the same masks and
 weights as an uninterrupted one.
+
+Resuming is refused when the checkpoint belongs to another run: other
+settings, other options, or (with a fingerprint) another model or other data.
+:func:`fingerprint` computes that fingerprint; pass it to
+:class:`Checkpointer`::
+
+    fp = fingerprint(model, data, tokenizer)   # before LoRA is attached
+    ckpt = Checkpointer(checkpoint_dir, every=50, run=run_options, fingerprint=fp)
+    start = ckpt.restore(pruner, optimizer)    # CheckpointError on a mismatch
+
+``allow_mismatch=True`` (the CLI's ``--force-resume``) resumes anyway, with a warning.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import LoRAPruneError
+from .io import atomic_directory
 
 FORMAT = 1
 
@@ -66,22 +78,123 @@ def _read(path: Path, tensor_file: str, meta_file: str) -> tuple[dict, dict]:
 
 
 def _write_atomic(final: Path, files: dict[str, object]) -> Path:
-    """Write ``{name: tensors dict | JSON payload}`` into a temporary sibling, then rename it to ``final``."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
+    """Write ``{name: tensors dict | JSON payload}`` as the directory ``final``, atomically (replacing it)."""
+    with atomic_directory(final, overwrite=True) as tmp:
         for name, payload in files.items():
             if name.endswith(".safetensors"):
                 save_file({k: v.detach().cpu().contiguous() for k, v in payload.items()}, str(tmp / name))
             else:
                 (tmp / name).write_text(json.dumps(payload, indent=1), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
+
+
+# ------------------------------------------------------------------------ fingerprint
+SAMPLE = 1 << 16  # elements hashed per weight tensor (evenly spaced): cheap on any model size
+HASHED_BATCHES = 8
+HASHED_FILE_BYTES = 1 << 20
+
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    flat = t.detach().reshape(-1)
+    if flat.numel() > SAMPLE:
+        flat = flat[torch.linspace(0, flat.numel() - 1, SAMPLE, device=flat.device).long()]
+    h.update(str((tuple(t.shape), str(t.dtype))).encode())
+    h.update(flat.to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+
+def model_fingerprint(model) -> dict:
+    """Config shape plus a hash of evenly spaced samples of every weight (LoRA factors excluded)."""
+    config = getattr(model, "config", None)
+    h = hashlib.sha256()
+    n = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        h.update(name.replace(".base.", ".").encode())  # LoRALinear wraps the base layer as .base
+        _hash_tensor(h, p)
+        n += 1
+    fields = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "vocab_size")
+    return {"config": {k: getattr(config, k, None) for k in fields}, "tensors": n, "sha256": h.hexdigest()}
+
+
+def _hash_path(h, path: Path) -> None:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{f.stat().st_size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(HASHED_FILE_BYTES))
+
+
+def data_fingerprint(data) -> dict:
+    """What the data is, as far as it can be told without consuming it.
+
+    Paths: names, sizes and the first MiB of each file; text and token tensors:
+    their content; a list of batches: the token ids of the first few batches;
+    a ``datasets.Dataset``: its own fingerprint. A one-shot iterator cannot be
+    read twice, so it is recorded as ``{"kind": "iterator"}`` and not compared.
+    """
+    h = hashlib.sha256()
+    if isinstance(data, (str, Path)) and Path(data).exists():
+        _hash_path(h, Path(data))
+        return {"kind": "path", "name": Path(data).name, "sha256": h.hexdigest()}
+    if isinstance(data, (str, Path)):
+        return {"kind": "name", "name": str(data)}
+    if torch.is_tensor(data):
+        _hash_tensor(h, data)
+        return {"kind": "tensor", "sha256": h.hexdigest()}
+    if hasattr(data, "_fingerprint"):  # datasets.Dataset
+        return {"kind": "dataset", "fingerprint": str(data._fingerprint)}
+    if isinstance(data, (list, tuple)):
+        items = list(data)
+        if all(isinstance(x, str) for x in items):
+            for x in items:
+                h.update(x.encode("utf-8", "surrogatepass") + b"\0")
+            if all(Path(x).exists() for x in items):
+                for x in items:
+                    _hash_path(h, Path(x))
+            return {"kind": "texts", "n": len(items), "sha256": h.hexdigest()}
+        for batch in items[:HASHED_BATCHES]:
+            ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+            if torch.is_tensor(ids):
+                _hash_tensor(h, ids)
+            else:
+                h.update(json.dumps(ids, default=str).encode())
+        return {"kind": "batches", "n": len(items), "sha256": h.hexdigest()}
+    return {"kind": "iterator"}
+
+
+def tokenizer_fingerprint(tokenizer) -> dict | None:
+    """Vocabulary size and the ids of a probe text: enough to tell two tokenizers apart."""
+    if tokenizer is None:
+        return None
+    probe = "The quick brown fox, 1234 times: \u00e9t\u00e9 \u4e2d\u6587!"
+    ids = tokenizer(probe)["input_ids"]
+    return {"size": len(tokenizer), "probe": hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()}
+
+
+def fingerprint(model, data=None, tokenizer=None) -> dict:
+    """``{"model", "data", "tokenizer"}`` fingerprints of a run, stored with its checkpoints.
+
+    Call it on the model as the user passed it (before LoRA is attached or
+    anything is masked), so the interrupted and the resumed run agree.
+    """
+    return {"model": model_fingerprint(model), "data": data_fingerprint(data),
+            "tokenizer": tokenizer_fingerprint(tokenizer)}
+
+
+def fingerprint_mismatch(saved: dict | None, now: dict | None) -> list[str]:
+    """Which parts (model, data, tokenizer) differ; parts either side could not fingerprint are skipped."""
+    if not saved or not now:
+        return []
+    out = []
+    for part in ("model", "data", "tokenizer"):
+        a, b = saved.get(part), now.get(part)
+        if a is None or b is None or "iterator" in (a.get("kind"), b.get("kind")):
+            continue
+        if a != b:
+            out.append(part)
+    return out
 
 
 def save_pruning_state(pruner, path) -> Path:
@@ -107,13 +220,19 @@ class Checkpointer:
 
     ``run`` (optional, JSON-able) describes the options the engine does not
     know about (steps, lr, batch size, ...); resuming with different ones is refused.
+    ``fingerprint`` (optional, from :func:`fingerprint`) identifies the model
+    and data; resuming on another model or other data is refused unless
+    ``allow_mismatch=True``.
     """
 
-    def __init__(self, root, every: int | None = None, keep: int = 2, run: dict | None = None):
+    def __init__(self, root, every: int | None = None, keep: int = 2, run: dict | None = None,
+                 fingerprint: dict | None = None, allow_mismatch: bool = False):
         self.dir = Path(root) / "checkpoints"
         self.every = every
         self.keep = keep
         self.run = None if run is None else json.loads(json.dumps(run))  # as it reads back from JSON
+        self.fingerprint = None if fingerprint is None else json.loads(json.dumps(fingerprint))
+        self.allow_mismatch = allow_mismatch
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -140,6 +259,7 @@ class Checkpointer:
             "observations": pruner.state.observations,
             "settings": pruner.settings,
             "run": self.run,
+            "fingerprint": self.fingerprint,
             "param_groups": opt["param_groups"],
             "n_layers": len(pruner.layers),
         }
@@ -157,6 +277,21 @@ class Checkpointer:
             return []
         return sorted(p for p in self.dir.glob("step-*") if (p / "meta.json").is_file() and (p / "state.safetensors").is_file())
 
+    def _check_fingerprint(self, path: Path, saved: dict | None) -> None:
+        differ = fingerprint_mismatch(saved, self.fingerprint)
+        if not differ:
+            return
+        what = " and ".join({"model": "another model", "data": "other data", "tokenizer": "another tokenizer"}[d]
+                            for d in differ)
+        message = f"{path} was written for {what} than this run"
+        if self.allow_mismatch:
+            warnings.warn(f"{message}; resuming anyway (allow_mismatch=True)", RuntimeWarning, stacklevel=3)
+            return
+        raise CheckpointError(
+            f"{message}; resume with the same model and data, use a new output directory, or pass "
+            "allow_mismatch=True (CLI: --force-resume) to resume anyway"
+        )
+
     def restore(self, pruner, optimizer) -> int:
         """Load the newest checkpoint into ``pruner``/``optimizer``; returns its step (0 if none)."""
         found = self.complete()
@@ -173,6 +308,7 @@ class Checkpointer:
                 f"{path} was written by a run with other options {diff} (saved, now); resume with the same "
                 "options or use a new output directory"
             )
+        self._check_fingerprint(path, meta.get("fingerprint"))
         missing = [k for i, mods in enumerate(pruner.modules) for n in mods for k in (f"lora.{i}.{n}.A", f"lora.{i}.{n}.B")
                    if k not in tensors or tensors[k].shape != getattr(mods[n], "lora_" + k[-1]).shape]
         if missing:

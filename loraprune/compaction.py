@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import kernels
 from .archs import ArchSpec, arch_for, decoder_layers, get_submodule, layer_projections
+from .gguf import forget_gguf_origin
 from .groups import LayerGroups, build_layer_groups
 from .lora import LoRALinear
 from .masks import Masks
@@ -90,6 +91,7 @@ def compact(model: nn.Module, masks: Masks, spec: ArchSpec | None = None, merge:
     which :func:`loraprune.save_pruned` writes to ``loraprune_masks.json``.
     """
     spec = spec or arch_for(model)
+    forget_gguf_origin(model)  # dequantized GGUF weights are plain floats; once pruned they are no file's weights
     layers = build_layer_groups(model, spec)
     if len(masks.attn_keep) != len(layers):
         raise ValueError(f"masks describe {len(masks.attn_keep)} layers, the model has {len(layers)}")
@@ -105,19 +107,9 @@ def compact(model: nn.Module, masks: Masks, spec: ArchSpec | None = None, merge:
         proj = layer_projections(layer_module, spec)
         attn = get_submodule(layer_module, spec.attn)
         mlp = get_submodule(layer_module, spec.mlp)
-        q_idx, kv_idx, ch_idx = lg.q_index(a_keep), lg.kv_index(a_keep), lg.channel_index(m_keep)
-        full_attn, full_mlp = bool(a_keep.all()), bool(m_keep.all())
-        plan = {
-            spec.q: (attn, None if full_attn else q_idx, None),
-            spec.k: (attn, None if full_attn else kv_idx, None),
-            spec.v: (attn, None if full_attn else kv_idx, None),
-            spec.o: (attn, None, None if full_attn else q_idx),
-            spec.gate: (mlp, None if full_mlp else ch_idx, None),
-            spec.up: (mlp, None if full_mlp else ch_idx, None),
-            spec.down: (mlp, None, None if full_mlp else ch_idx),
-        }
-        for name, (parent, rows, cols) in plan.items():
-            module = proj[name]
+        slices = lg.kept_slices(spec, a_keep, m_keep)
+        for name, (rows, cols) in slices.items():
+            parent, module = (attn if name in spec.attn_projections else mlp), proj[name]
             keep_lora = not merge and isinstance(module, LoRALinear)
             _set(parent, name, gather_lora(module, rows, cols) if keep_lora else compact_linear(module, rows, cols))
         _update_module_attrs(attn, mlp, lg, int(a_keep.sum()), int(m_keep.sum()))

@@ -71,6 +71,23 @@ class LayerGroups:
     def channel_index(mlp_keep: torch.Tensor) -> torch.Tensor:
         return torch.nonzero(mlp_keep, as_tuple=False).flatten()
 
+    def kept_slices(self, spec: ArchSpec, kv_keep: torch.Tensor, mlp_keep: torch.Tensor) -> dict[str, tuple]:
+        """Projection name -> ``(kept rows, kept columns)``, ``None`` where all are kept.
+
+        The one statement of which projection a group owns rows or columns of:
+        a KV group owns q rows and o columns (:meth:`q_index`) and k/v rows
+        (:meth:`kv_index`); an MLP channel owns a gate row, an up row and a
+        down column (:meth:`channel_index`). Masking, compaction and the
+        one-shot bias compensation all read it from here.
+        """
+        q = kv = ch = None
+        if not bool(kv_keep.all()):
+            q, kv = self.q_index(kv_keep), self.kv_index(kv_keep)
+        if not bool(mlp_keep.all()):
+            ch = self.channel_index(mlp_keep)
+        return {spec.q: (q, None), spec.k: (kv, None), spec.v: (kv, None), spec.o: (None, q),
+                spec.gate: (ch, None), spec.up: (ch, None), spec.down: (None, ch)}
+
     # ---- per-module sums -> per-group sums ----------------------------------
     def attn_group_sums(self, q_rows, k_rows, v_rows, o_cols) -> torch.Tensor:
         """Sum q/k/v row scores and o_proj column scores into one score per KV group."""
@@ -85,6 +102,14 @@ class LayerGroups:
     @staticmethod
     def mlp_group_sums(gate_rows, up_rows, down_cols) -> torch.Tensor:
         return gate_rows + up_rows + down_cols
+
+
+def removed_params(groups: list[LayerGroups], masks) -> int:
+    """Decoder-projection parameters that ``masks`` removes (the one count of it in loraprune)."""
+    return sum(
+        (lg.n_kv - kv) * lg.attn_cost + (lg.n_channels - ch) * lg.mlp_cost
+        for lg, kv, ch in zip(groups, masks.kept_kv(), masks.kept_channels())
+    )
 
 
 def build_layer_groups(model: nn.Module, spec: ArchSpec | None = None) -> list[LayerGroups]:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ import torch.nn as nn
 
 from .errors import LoRAPruneError
 
+from .gguf import forget_gguf_origin
 from .lora import LoRALinear, is_peft_lora_layer
 from .masks import Masks
 from .modeling_loraprune import PER_LAYER_CLASSES
@@ -113,16 +115,24 @@ def attach_export(model: nn.Module) -> nn.Module:
     return model
 
 
+class OutputExistsError(LoRAPruneError, FileExistsError):
+    """The output directory holds other files; the message names the fix (``overwrite=True``)."""
+
+
 def _check_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
+        raise OutputExistsError(f"{out_dir} exists and is not a directory; choose another directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another directory or pass overwrite=True")
+        raise OutputExistsError(f"{out_dir} exists and is not empty; choose another directory or pass overwrite=True")
 
 
 @contextmanager
 def atomic_directory(out_dir, overwrite: bool = False):
-    """Yield a temporary sibling directory; on success it replaces ``out_dir``, on error it vanishes."""
+    """Yield a temporary sibling directory; on success it replaces ``out_dir``, on error it vanishes.
+
+    The one home of atomic writes in loraprune: a reader (or a rerun after a
+    kill) sees the old directory or the complete new one, never a mix.
+    """
     out_dir = Path(out_dir)
     _check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +149,29 @@ def atomic_directory(out_dir, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_atomic(path, content: str | bytes) -> Path:
+    """Write one file atomically: a temporary sibling, flushed, then renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path, payload, indent: int | None = 1) -> Path:
+    """:func:`write_atomic` of ``payload`` as JSON."""
+    return write_atomic(path, json.dumps(payload, indent=indent) + "\n")
 
 
 def masks_payload(model: nn.Module) -> dict | None:
@@ -169,6 +202,17 @@ def write_masks(model: nn.Module, directory) -> Path | None:
     return path
 
 
+def require_pruned(model: nn.Module, what: str = "save_pruned") -> dict:
+    """The model's ``config.loraprune`` block; refuse a model loraprune did not compact."""
+    block = getattr(getattr(model, "config", None), "loraprune", None) or {}
+    if not block.get("layers"):
+        raise PrunedModelError(
+            f"{what}: the model was not pruned by loraprune (its config has no loraprune block); prune it first "
+            "(loraprune.prune or LoRAPruner.finalize), or save an unpruned model with model.save_pretrained(dir)"
+        )
+    return block
+
+
 def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=None, extra_json: dict | None = None,
                 **save_kwargs) -> Path:
     """Save atomically (safetensors + JSON): write a sibling temp dir, then rename it into place.
@@ -177,15 +221,19 @@ def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=No
     merged model from ``finalize``/``merge_lora`` saves the same way as one
     from :func:`loraprune.prune`. A model that still holds LoRA layers is
     refused: merge it (:func:`loraprune.merge_lora`) or export base and
-    adapter apart (:func:`loraprune.export_adapter`).
+    adapter apart (:func:`loraprune.export_adapter`). ``extra_json`` adds
+    ``{file name: payload}`` files; a name the save itself writes
+    (``config.json``, ``loraprune_masks.json``, ...) is refused rather than overwritten.
     """
+    require_pruned(model)
     lora = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) or is_peft_lora_layer(m)]
     if lora:
         raise PrunedModelError(
             f"the model still holds {len(lora)} LoRA layers (e.g. {lora[0]}); call loraprune.merge_lora(model) "
             "to save the merged model, or loraprune.export_adapter(model, dir) to save the pruned base and its adapter"
         )
-    model = attach_export(model)
+    _check_target(Path(out_dir), overwrite)
+    model = attach_export(forget_gguf_origin(model))
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
@@ -193,29 +241,198 @@ def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=No
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, payload in (extra_json or {}).items():
+            if (tmp / name).exists():
+                raise ValueError(f"extra_json names {name}, which save_pruned writes itself; choose another file name")
             (tmp / name).write_text(json.dumps(payload, indent=2), encoding="utf-8")
     return out_dir
 
 
+# ---------------------------------------------------------------- reading directories
+def _model_dir(path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise PrunedModelError(f"{path} does not exist; pass the directory a model was saved to")
+    if not path.is_dir():
+        hint = " (a GGUF file: load it with loraprune.gguf.load_gguf)" if str(path).endswith(".gguf") else ""
+        raise PrunedModelError(f"{path} is a file, not a directory{hint}; pass the directory holding config.json "
+                               "and the *.safetensors weights")
+    return path
+
+
 def read_config(path) -> dict:
-    path = Path(path)
+    path = _model_dir(path)
     cfg = path / "config.json"
     if not cfg.is_file():
         raise PrunedModelError(f"{path} has no config.json; expected a directory written by save_pretrained")
     try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise PrunedModelError(f"{cfg} is corrupted (not valid JSON: {err.msg}); save the model again") from err
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PrunedModelError(f"{cfg} is corrupted (not valid JSON: {err}); save the model again") from err
+    if not isinstance(data, dict):
+        raise PrunedModelError(f"{cfg} is corrupted (not a JSON object); save the model again")
+    return data
+
+
+def read_safetensors_header(path) -> dict:
+    """Tensor names -> ``{dtype, shape, data_offsets}`` from a safetensors header (the weights are not read).
+
+    Checks that the file is as long as its header says, so a truncated copy is
+    caught here rather than as a crash in the middle of loading.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > min(size, 100_000_000):
+                raise ValueError("the header length is implausible")
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        end = max((int(meta["data_offsets"][1]) for meta in header.values()), default=0)
+    except Exception as err:
+        raise PrunedModelError(f"{path} is not a readable safetensors file ({err}); save the model again") from err
+    if 8 + n + end > size:
+        raise PrunedModelError(f"{path} is truncated ({size:,} bytes, its header promises {8 + n + end:,}); "
+                               "copy or save the model again")
+    return header
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def _layer_widths_from_headers(tensors: dict, spec, head_dim: int) -> tuple[dict[int, dict], int]:
+    """Per-layer ``{params, num_attention_heads, num_key_value_heads, intermediate_size}`` and the other params."""
+    prefix = spec.layers + "."
+    layers: dict[int, dict] = {}
+    other = 0
+    row_fields = {f"{spec.attn}.{spec.q}.weight": ("num_attention_heads", head_dim),
+                  f"{spec.attn}.{spec.k}.weight": ("num_key_value_heads", head_dim),
+                  f"{spec.mlp}.{spec.gate}.weight": ("intermediate_size", 1)}
+    for name, meta in tensors.items():
+        numel = _numel(meta["shape"])
+        if not name.startswith(prefix):
+            other += numel
+            continue
+        idx_text, _, rest = name[len(prefix):].partition(".")
+        entry = layers.setdefault(int(idx_text), {"params": 0})
+        entry["params"] += numel
+        if rest in row_fields:
+            key, unit = row_fields[rest]
+            entry[key] = meta["shape"][0] // unit
+    return layers, other
+
+
+STOCK_WIDTHS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def _check_widths(path: Path, config: dict, block: dict, layers: dict[int, dict]) -> None:
+    """The widths config.json describes must be the widths the weights have."""
+    n_layers = config.get("num_hidden_layers")
+    if n_layers is not None and sorted(layers) != list(range(n_layers)):
+        raise PrunedModelError(f"{path}: config.json says {n_layers} layers, the weights hold {len(layers)}; "
+                               "the directory is mixed up, save the model again")
+    if block.get("layers"):
+        if len(block["layers"]) != len(layers):
+            raise PrunedModelError(f"{path}: config.json's loraprune block lists {len(block['layers'])} layers, the "
+                                   f"weights hold {len(layers)}; the directory is mixed up, save the model again")
+        for idx, widths in enumerate(block["layers"]):
+            got = {k: layers[idx].get(k) for k in widths}
+            if got != widths:
+                raise PrunedModelError(f"{path}: layer {idx} weights have widths {got}, config.json says {widths}; "
+                                       "the directory is mixed up, save the model again")
+    if block.get("uniform", True):
+        stock = {k: config.get(k) for k in STOCK_WIDTHS}
+        stock["num_key_value_heads"] = stock["num_key_value_heads"] or stock["num_attention_heads"]
+        for idx in sorted(layers):
+            got = {k: layers[idx].get(k) for k in STOCK_WIDTHS}
+            if got != stock:
+                origin = ("" if block else " and it was not saved by loraprune (no loraprune block in config.json): "
+                          "another tool's pruned model? Load it with the tool that wrote it")
+                raise PrunedModelError(f"{path}: layer {idx} weights have widths {got}, config.json says {stock}"
+                                       f"{origin or '; the directory is mixed up, save the model again'}")
+
+
+def inspect_dir(path) -> dict:
+    """Per-layer widths and parameter counts of a saved model, from config.json and the safetensors headers.
+
+    No weights are read. Refuses (:class:`PrunedModelError`) a directory whose
+    config.json contradicts its weights: ``from_pretrained`` would only warn
+    and fill the gap with random weights.
+    """
+    from .archs import ARCHS
+
+    config = read_config(path)
+    path = Path(path).expanduser()
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise PrunedModelError(f"{path} holds no .safetensors weights; expected a model saved by save_pretrained")
+    tensors = {}
+    for f in files:
+        tensors.update(read_safetensors_header(f))
+    spec = ARCHS.get(config.get("model_type"))
+    if spec is None:
+        raise PrunedModelError(f"model_type={config.get('model_type')!r} has no loraprune layout; "
+                               f"supported: {', '.join(sorted(ARCHS))}")
+    try:
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    except (KeyError, TypeError, ZeroDivisionError) as err:
+        raise PrunedModelError(f"{path}/config.json lacks the head geometry ({err}); save the model again") from err
+    block = config.get("loraprune") or {}
+    layers, other = _layer_widths_from_headers(tensors, spec, head_dim)
+    _check_widths(path, config, block, layers)
+    return {
+        "path": str(path), "model_type": config.get("model_type"), "head_dim": head_dim,
+        "pruned_by_loraprune": bool(block), "uniform": block.get("uniform", True),
+        "achieved_ratio": block.get("achieved_ratio"), "original": block.get("original"),
+        "layers": [dict(layer=i, **layers[i]) for i in sorted(layers)],
+        "other_params": other, "total_params": other + sum(v["params"] for v in layers.values()),
+    }
+
+
+def read_masks(path, info: dict) -> Masks:
+    """``loraprune_masks.json`` of a directory, checked against its weights (``info`` from :func:`inspect_dir`)."""
+    file = Path(path) / MASKS_FILE
+    fix = f"delete {file} (the weights do not need it) or save the pruned model again"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        masks = Masks.from_dict(data)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise PrunedModelError(f"{file} is corrupted ({type(err).__name__}: {err}); {fix}") from err
+    if data.get("head_dim") not in (None, info["head_dim"]):
+        raise PrunedModelError(f"{file} says head_dim={data['head_dim']}, config.json {info['head_dim']}; {fix}")
+    if len(masks.attn_keep) != len(info["layers"]):
+        raise PrunedModelError(f"{file} describes {len(masks.attn_keep)} layers, the weights hold "
+                               f"{len(info['layers'])}; {fix}")
+    original = info.get("original") or {}
+    for row, kv, ch, a in zip(info["layers"], masks.kept_kv(), masks.kept_channels(), masks.attn_keep):
+        if (kv, ch) != (row.get("num_key_value_heads"), row.get("intermediate_size")):
+            raise PrunedModelError(
+                f"{file}, layer {row['layer']}: keeps {kv} KV groups and {ch} MLP channels, the weights have "
+                f"{row.get('num_key_value_heads')} and {row.get('intermediate_size')}; {fix}")
+        if original.get("num_key_value_heads") not in (None, a.numel()):
+            raise PrunedModelError(f"{file}, layer {row['layer']}: indexes {a.numel()} original KV groups, config.json "
+                                   f"says the original model had {original['num_key_value_heads']}; {fix}")
+    return masks
 
 
 def load_pruned(path, dtype=None, device_map=None, **kwargs) -> nn.Module:
-    """Reload a pruned model (uniform or per-layer) with identical logits, no remote code."""
+    """Reload a pruned model (uniform or per-layer) with identical logits, no remote code.
+
+    Before any weight is read, config.json, the safetensors headers and
+    ``loraprune_masks.json`` are checked against each other
+    (:func:`inspect_dir`, :func:`read_masks`); a contradiction raises
+    :class:`PrunedModelError` naming the fix.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
+    info = inspect_dir(path)
+    path = Path(path).expanduser()
     raw = read_config(path)
-    if not any(path.glob("*.safetensors")):
-        raise PrunedModelError(f"{path} holds no .safetensors weights; expected a model saved by loraprune")
+    masks = read_masks(path, info) if (path / MASKS_FILE).is_file() else None
     block = raw.get("loraprune") or {}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -223,28 +440,24 @@ def load_pruned(path, dtype=None, device_map=None, **kwargs) -> nn.Module:
         kwargs["device_map"] = device_map
     try:
         if block and not block.get("uniform", True):
-            cls = PER_LAYER_CLASSES.get(raw.get("model_type"))
-            if cls is None:
-                raise PrunedModelError(f"per-layer model of unknown model_type={raw.get('model_type')!r}")
+            cls = PER_LAYER_CLASSES[raw.get("model_type")]
             config = AutoConfig.from_pretrained(path)
-            model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+            model, loading = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
         else:
-            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
-        # transformers only warns when weights are missing (it initialises them
-        # randomly): for a pruned model that is a broken directory, so refuse.
-        problems = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-        if problems:
-            raise PrunedModelError(
-                f"{path}: the weights do not match config.json ({problems}); a corrupted or mixed-up "
-                "directory? Save the pruned model again."
-            )
-        if (path / MASKS_FILE).is_file():
-            model.loraprune_masks = Masks.load_json(path / MASKS_FILE)
-        return model
-    except PrunedModelError:
-        raise
+            model, loading = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as err:
         raise PrunedModelError(
             f"could not load {path}: {type(err).__name__}: {err}. The weights do not match config.json "
             "(a corrupted or mixed-up directory?); save the pruned model again."
         ) from err
+    # transformers only warns when weights are missing (it initialises them
+    # randomly): for a pruned model that is a broken directory, so refuse.
+    problems = {k: sorted(v)[:5] for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise PrunedModelError(
+            f"{path}: the weights do not match config.json ({problems}); a corrupted or mixed-up "
+            "directory? Save the pruned model again."
+        )
+    if masks is not None:
+        model.loraprune_masks = masks
+    return model

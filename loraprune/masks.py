@@ -8,6 +8,25 @@ from dataclasses import dataclass
 import torch
 
 
+def _keep_vector(layer: dict, kept_key: str, total_key: str, i: int) -> torch.Tensor:
+    """A bool vector of ``layer[total_key]`` entries, True at the indices ``layer[kept_key]``."""
+    total, kept = layer.get(total_key), layer.get(kept_key)
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        raise ValueError(f"layer {i}: {total_key} must be a positive integer, got {total!r}")
+    if not isinstance(kept, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in kept):
+        raise ValueError(f"layer {i}: {kept_key} must be a list of integers")
+    bad = [k for k in kept if not 0 <= k < total]
+    if bad:
+        raise ValueError(f"layer {i}: {kept_key} index {bad[0]} is out of range [0, {total})")
+    if len(set(kept)) != len(kept):
+        raise ValueError(f"layer {i}: {kept_key} lists an index twice")
+    if not kept:
+        raise ValueError(f"layer {i}: {kept_key} is empty; every layer keeps at least one group")
+    out = torch.zeros(total, dtype=torch.bool)
+    out[torch.as_tensor(kept, dtype=torch.long)] = True
+    return out
+
+
 @dataclass
 class Masks:
     attn_keep: list[torch.Tensor]  # per layer, bool (n_kv,)
@@ -29,9 +48,6 @@ class Masks:
     def kept_channels(self) -> list[int]:
         return [int(m.sum()) for m in self.mlp_keep]
 
-    def is_uniform(self) -> bool:
-        return len(set(self.kept_kv())) == 1 and len(set(self.kept_channels())) == 1
-
     def to_dict(self) -> dict:
         """Kept indices per layer (JSON-friendly)."""
         return {
@@ -48,15 +64,13 @@ class Masks:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Masks":
+        """Inverse of :meth:`to_dict`; refuses (``ValueError``) indices out of range, repeated or not integers."""
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+            raise ValueError("masks JSON needs a 'layers' list")
         attn, mlp = [], []
         for i, layer in enumerate(data["layers"]):
-            a = torch.zeros(layer["n_kv_groups"], dtype=torch.bool)
-            m = torch.zeros(layer["n_mlp_channels"], dtype=torch.bool)
-            try:
-                a[torch.as_tensor(layer["kv_groups"], dtype=torch.long)] = True
-                m[torch.as_tensor(layer["mlp_channels"], dtype=torch.long)] = True
-            except IndexError as err:
-                raise ValueError(f"masks JSON, layer {i}: a kept index is out of range ({err})") from err
+            a = _keep_vector(layer, "kv_groups", "n_kv_groups", i)
+            m = _keep_vector(layer, "mlp_channels", "n_mlp_channels", i)
             attn.append(a)
             mlp.append(m)
         return cls(attn, mlp)

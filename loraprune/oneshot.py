@@ -45,10 +45,11 @@ from .allocation import allocate, resolve_skip
 from .archs import arch_for, decoder_layers, layer_projections
 from .compaction import compact
 from .data import make_batches
-from .groups import LayerGroups, build_layer_groups, layer_projection_params
+from .groups import LayerGroups, build_layer_groups, layer_projection_params, removed_params
 from .io import attach_export
 from .lora import unwrap_peft
 from .masks import Masks
+from .report import PruneReport
 from .state import PruningState
 
 METHODS = ("flap", "wanda-sp")
@@ -166,15 +167,21 @@ def compensation_biases(model, layers, masks, stats, spec=None) -> list[tuple[to
         decoder_layers(model, spec), layers, masks.attn_keep, masks.mlp_keep, stats
     ):
         proj = layer_projections(layer, spec)
-        o_removed = torch.ones(proj[spec.o].weight.shape[1], dtype=torch.bool)
-        o_removed[lg.q_index(a_keep)] = False
-        d_removed = ~m_keep
+        slices = lg.kept_slices(spec, a_keep, m_keep)
+        o_removed, d_removed = (_removed(proj[name].weight.shape[1], slices[name][1]) for name in (spec.o, spec.down))
         pair = []
         for module, removed, st in ((proj[spec.o], o_removed, o_stats), (proj[spec.down], d_removed, d_stats)):
             W = module.weight.detach().to(device="cpu", dtype=torch.float64)
             pair.append(W[:, removed] @ st.mean[removed])
         out.append(tuple(pair))
     return out
+
+
+def _removed(n: int, kept: torch.Tensor | None) -> torch.Tensor:
+    """Boolean vector of the ``n`` input columns not in ``kept`` (``None``: all kept)."""
+    removed = torch.ones(n, dtype=torch.bool)
+    removed[kept if kept is not None else slice(None)] = False
+    return removed
 
 
 def _with_bias(module: nn.Linear, bias: torch.Tensor | None) -> None:
@@ -211,10 +218,7 @@ class OneShotPlan:
 
     @property
     def removed_params(self) -> int:
-        return sum(
-            (lg.n_kv - kv) * lg.attn_cost + (lg.n_channels - ch) * lg.mlp_cost
-            for lg, kv, ch in zip(self.layers, self.masks.kept_kv(), self.masks.kept_channels())
-        )
+        return removed_params(self.layers, self.masks)
 
 
 @torch.no_grad()
@@ -278,25 +282,18 @@ def oneshot_prune(
     plan = oneshot_plan(model, data, ratio, tokenizer, method, calib_batches, seq_len=seq_len, batch_size=batch_size,
                         skip_layers=skip_layers, ranking=ranking, round_to=round_to, seed=seed)
     biases = compensation_biases(model, plan.layers, plan.masks, plan.stats, spec) if bias_compensation else None
-    removed = plan.removed_params
     model = compact(model, plan.masks, spec)
     if biases is not None:
         _apply_biases(model, biases, spec)
     after = sum(layer_projection_params(model, spec))
-    block = dict(model.config.loraprune)
-    block.update(
-        settings=dict(ratio=ratio, criterion=f"oneshot-{method}", method=method, bias_compensation=bias_compensation,
-                      calib_batches=calib_batches, calib_tokens=plan.stats[0][0].count, seq_len=seq_len,
-                      batch_size=batch_size, skip_layers=sorted(plan.skip), ranking=ranking, round_to=round_to,
-                      seed=seed),
-        projection_params=plan.total_params,
-        removed_params=removed,
-        achieved_ratio=removed / plan.total_params,
+    settings = dict(ratio=ratio, criterion=f"oneshot-{method}", method=method, bias_compensation=bias_compensation,
+                    calib_batches=calib_batches, calib_tokens=plan.stats[0][0].count, seq_len=seq_len,
+                    batch_size=batch_size, skip_layers=sorted(plan.skip), ranking=ranking, round_to=round_to, seed=seed)
+    PruneReport.measure(
+        plan.layers, plan.masks, plan.total_params, settings, target_ratio=ratio, steps=0,
         # counts the biases added for compensation (zeros except o_proj/down_proj)
         achieved_ratio_with_biases=1 - after / plan.total_params,
-        steps=0,
-    )
-    model.config.loraprune = block
+    ).attach(model.config)
     model.eval()
     # a biased LLaMA whose head count no longer divides hidden_size is exported
     # per layer by attach_export (neither LlamaConfig nor Mistral can hold it)

@@ -163,3 +163,56 @@ def test_pruning_state_round_trip(tmp_path):
     c = loraprune.LoRAPruner(tiny_model(), ratio=0.3)
     with pytest.raises(CheckpointError, match="other settings"):
         restore_pruning_state(c, tmp_path / "s")
+
+
+# ---- fingerprints: resume refuses another model or other data ------------------------------
+def _pruner_and_optimizer(model):
+    pruner = loraprune.LoRAPruner(model, ratio=0.5)
+    return pruner, torch.optim.AdamW(pruner.lora_parameters(), lr=1e-3)
+
+
+def test_fingerprint_tells_models_data_and_tokenizers_apart(workdir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from loraprune.checkpoint import fingerprint, fingerprint_mismatch
+
+    batches = [{"input_ids": torch.arange(16).view(2, 8)}]
+    model = tiny_model()
+    base = fingerprint(model, batches)
+    assert fingerprint(tiny_model(), [{"input_ids": torch.arange(16).view(2, 8)}]) == base  # same content
+    loraprune.LoRAPruner(model, ratio=0.5)  # LoRA attached: the fingerprint of the weights is unchanged
+    assert fingerprint(model, batches) == base
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.base.weight[3, 5] += 1e-3
+    assert fingerprint_mismatch(base, fingerprint(model, batches)) == ["model"]
+    other = [{"input_ids": torch.arange(16).view(2, 8) + 1}]
+    assert fingerprint_mismatch(base, fingerprint(tiny_model(), other)) == ["data"]
+    # files: name, size and content; a one-shot iterator cannot be compared
+    (tmp_path / "a.txt").write_text("some text")
+    text_fp = fingerprint(tiny_model(), str(tmp_path / "a.txt"))["data"]
+    (tmp_path / "a.txt").write_text("more text")
+    assert fingerprint(tiny_model(), str(tmp_path / "a.txt"))["data"] != text_fp
+    assert fingerprint_mismatch(base, fingerprint(tiny_model(), iter(batches))) == []
+    tok = AutoTokenizer.from_pretrained(workdir / "model")
+    assert fingerprint_mismatch(fingerprint(model, None, tok), fingerprint(model, None, None)) == []
+
+
+def test_checkpointer_refuses_another_model_or_data_unless_allowed(tmp_path):
+    from loraprune.checkpoint import fingerprint
+
+    batches = [{"input_ids": torch.arange(16).view(2, 8)}]
+    pruner, opt = _pruner_and_optimizer(tiny_model())
+    Checkpointer(tmp_path, every=1, fingerprint=fingerprint(tiny_model(), batches)).save(pruner, opt, 1)
+    meta = json.loads((tmp_path / "checkpoints" / "step-00000001" / "meta.json").read_text())
+    assert meta["fingerprint"]["model"]["sha256"]
+
+    other_data = fingerprint(tiny_model(), [{"input_ids": torch.ones(2, 8, dtype=torch.long)}])
+    pruner2, opt2 = _pruner_and_optimizer(tiny_model())
+    with pytest.raises(CheckpointError, match="written for other data than this run.*--force-resume"):
+        Checkpointer(tmp_path, fingerprint=other_data).restore(pruner2, opt2)
+    other_model = fingerprint(tiny_model(seed=1), batches)
+    with pytest.raises(CheckpointError, match="written for another model than this run"):
+        Checkpointer(tmp_path, fingerprint=other_model).restore(pruner2, opt2)
+    with pytest.warns(RuntimeWarning, match="resuming anyway"):
+        assert Checkpointer(tmp_path, fingerprint=other_model, allow_mismatch=True).restore(pruner2, opt2) == 1
+    assert Checkpointer(tmp_path).restore(pruner2, opt2) == 1  # no fingerprint given: not compared

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import loraprune
-from loraprune import cli
+from loraprune import cli, cli_prune
 from loraprune.cli import main
+from loraprune.config import PruneConfig
 from loraprune.eval import perplexity
 from loraprune.reference import train_tokenizer
 from tiny import tiny_model
@@ -49,7 +50,7 @@ def test_help_explains_options_with_defaults(capsys):
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for option, default in [("--ratio", "0.5"), ("--steps", "200"), ("--criterion", "lora"),
-                            ("--checkpoint-every", "100"), ("--seq-len", "128")]:
+                            ("--lr-schedule", "constant"), ("--seq-len", "128")]:
         assert option in text and f"(default: {default})" in text
     assert "--resume" in text and "--overwrite" in text and "--uniform" in text
     with pytest.raises(SystemExit):
@@ -69,11 +70,14 @@ def test_prune_inspect_eval_session(work, tmp_path, capsys):
     report = json.loads((out / "loraprune_report.json").read_text())
     assert report["achieved_ratio"] == pytest.approx(0.5, abs=0.01)
     assert report["eval"]["ppl_after"] > 1
-    masks = loraprune.Masks.from_dict(json.loads((out / "loraprune_masks.json").read_text()))
+    saved_masks = json.loads((out / "loraprune_masks.json").read_text())
+    # the full file of save_pruned, not a bare copy of the indices (issue 11)
+    assert (saved_masks["head_dim"], saved_masks["q_per_kv"]) == (8, 1) and "KV group g owns" in saved_masks["description"]
+    masks = loraprune.Masks.from_dict(saved_masks)
     assert masks.kept_kv() == [2, 2]
 
     model = loraprune.load_pruned(out)
-    info = cli.inspect_dir(out)  # headers only; checked against the loaded model
+    info = loraprune.io.inspect_dir(out)  # headers only; checked against the loaded model
     for i, layer in enumerate(model.model.layers):
         row = info["layers"][i]
         assert row["params"] == sum(p.numel() for p in layer.parameters())
@@ -86,7 +90,7 @@ def test_prune_inspect_eval_session(work, tmp_path, capsys):
     assert main(["eval", "--model", str(out), "--data", str(work / "data" / "a.txt"), "--seq-len", "16",
                  "--baseline", str(work / "model")]) == 0
     printed = capsys.readouterr().out
-    tok = loraprune.cli.load_tokenizer(str(out))
+    tok = loraprune.cli_inputs.load_tokenizer(str(out))
     want = perplexity(model, [TEXT], tok, window=16)
     assert f"{want:.4g}" in printed and "ratio pruned / baseline" in printed
 
@@ -112,9 +116,12 @@ def test_output_directory_rules(work, tmp_path, capsys):
     assert "not a directory" in error_of(capsys, prune_argv(work, work / "data" / "a.txt"))
 
 
-@pytest.mark.parametrize("ratio", ["0", "1", "-0.2", "1.5"])
-def test_bad_ratio(work, tmp_path, capsys, ratio):
-    assert "not in (0, 1)" in error_of(capsys, prune_argv(work, tmp_path / "o", "--ratio", ratio))
+@pytest.mark.parametrize("ratio, message", [("0", "ratio must be > 0, got 0.0 (--ratio)"),
+                                            ("1", "ratio must be < 1, got 1.0 (--ratio)"),
+                                            ("-0.2", "ratio must be > 0"), ("x", "argument --ratio: invalid float")])
+def test_bad_ratio(work, tmp_path, capsys, ratio, message):
+    assert message in error_of(capsys, prune_argv(work, tmp_path / "o", "--ratio", ratio))
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_data(work, tmp_path, capsys):
@@ -123,7 +130,7 @@ def test_bad_data(work, tmp_path, capsys):
     argv[argv.index("--data") + 1] = str(tmp_path / "empty.txt")
     assert "empty" in error_of(capsys, argv)
     argv[argv.index("--data") + 1] = str(tmp_path / "nothing-here")
-    assert "neither a local file/folder nor a loadable hub dataset" in error_of(capsys, argv)
+    assert "nothing-here does not exist" in error_of(capsys, argv)
     long_ = prune_argv(work, tmp_path / "o2")
     long_[long_.index("--seq-len") + 1] = "65"
     assert "pass seq_len<=64" in error_of(capsys, long_)
@@ -136,8 +143,9 @@ def test_unsupported_architecture_and_missing_modules(tmp_path, capsys, work):
     argv = prune_argv(work, tmp_path / "o", "--tokenizer", str(work / "model"))
     argv[argv.index("--model") + 1] = str(tmp_path / "gpt2")
     assert "no group definition for model_type='gpt2'" in error_of(capsys, argv)
+    assert not (tmp_path / "o").exists()  # a failed run leaves no output directory behind
     argv[argv.index("--model") + 1] = str(work / "data" / "a.txt")
-    assert "not a directory" in error_of(capsys, argv)
+    assert "is a file, not a model directory" in error_of(capsys, argv)
 
 
 def test_nan_loss_stops_with_the_fix(work, tmp_path, capsys):
@@ -182,3 +190,76 @@ def test_bench_dispatcher(tmp_path, monkeypatch, capsys):
         "import sys, pathlib\npathlib.Path('argv.json').write_text(__import__('json').dumps(sys.argv[1:]))\n")
     assert main(["bench", "--quick", "--out", "x.json"]) == 0
     assert json.loads((tmp_path / "argv.json").read_text()) == ["--quick", "--out", "x.json"]
+
+
+# ---- the options are PruneConfig's fields ----------------------------------------------------
+def test_every_config_field_is_an_option_with_its_default_and_help():
+    import argparse
+    import dataclasses
+
+    parser = cli.build_parser()
+    prune_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["prune"]
+    actions = {a.dest: a for a in prune_parser._actions}
+    for f in dataclasses.fields(PruneConfig):
+        if not f.metadata["cli"]:  # progress, checkpoint_dir, resume: the CLI has its own (--no-progress, ...)
+            continue
+        action = actions[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert action.option_strings[0] == "--" + f.name.replace("_", "-")
+        assert action.default == default and action.help == f.metadata["help"], f.name
+        if "choices" in f.metadata:
+            assert action.choices == list(f.metadata["choices"])
+
+
+def test_option_values_reach_the_config(work, tmp_path):
+    args = cli.build_parser().parse_args(prune_argv(work, tmp_path / "o", "--skip-layers", "0,1", "--prune-start",
+                                                   "20", "--prune-end", "0.5", "--normalize", "none", "--square",
+                                                   "--max-grad-norm", "none", "--lr-schedule", "cosine"))
+    cfg = cli_prune.config_from_args(args)
+    assert cfg == PruneConfig(steps=4, seq_len=16, batch_size=2, skip_layers=[0, 1], prune_start=20, prune_end=0.5,
+                              normalize=None, square=True, max_grad_norm=None, lr_schedule="cosine")
+    assert type(cfg.prune_start) is int and type(cfg.prune_end) is float
+    args = cli.build_parser().parse_args(prune_argv(work, tmp_path / "o", "--skip-layers", "paper",
+                                                   "--normalize", "l2", "--no-merge"))
+    cfg = cli_prune.config_from_args(args)
+    assert (cfg.skip_layers, cfg.normalize, cfg.merge) == ("paper", "l2", False)
+
+
+# ---- user errors are one line and exit 2; bugs show their traceback --------------------------
+def test_user_errors_exit_2_but_bugs_raise(monkeypatch, capsys):
+    def user_error(args):
+        raise loraprune.PrunedModelError("the directory is mixed up;\n save the model again")
+
+    def bug(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setitem(cli.COMMANDS, "inspect", user_error)
+    assert main(["inspect", "x"]) == 2
+    assert capsys.readouterr().err == "loraprune: error: the directory is mixed up; save the model again\n"
+    monkeypatch.setitem(cli.COMMANDS, "inspect", bug)
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(["inspect", "x"])
+    assert main(["inspect"]) == 2  # usage errors are user errors too: one line, no usage dump
+    assert capsys.readouterr().err.splitlines() == [
+        "loraprune: error: the following arguments are required: dir (see 'loraprune inspect --help')"]
+
+
+# ---- GGUF files as --model -------------------------------------------------------------------
+def test_prune_and_eval_a_gguf_file(work, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from gguf_file import write_tiny_gguf
+
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "out"
+    argv = prune_argv(work, out, steps=2)
+    argv[argv.index("--model") + 1] = str(tmp_path / "tiny.gguf")
+    assert main(argv) == 0
+    pruned = loraprune.load_pruned(out)
+    assert pruned.config.loraprune["achieved_ratio"] == pytest.approx(0.5, abs=0.05)
+    assert pruned.config.vocab_size == source.config.vocab_size
+    tok = loraprune.cli_inputs.load_tokenizer(str(out))  # the GGUF's tokenizer, saved beside the model
+    assert tok.decode(tok("the tea")["input_ids"]) == "the tea"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "tiny.gguf"), "--data", str(work / "data" / "a.txt"),
+                 "--seq-len", "16", "--max-windows", "2", "--baseline", str(out), "--no-progress"]) == 0
+    assert "ratio pruned / baseline" in capsys.readouterr().out

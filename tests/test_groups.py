@@ -59,3 +59,29 @@ def test_missing_module_is_reported():
     del model.model.layers[0].mlp.up_proj
     with pytest.raises(ModuleLayoutError, match="up_proj"):
         build_layer_groups(model)
+
+
+def test_kept_slices_name_the_rows_and_columns_each_projection_keeps():
+    model = tiny_model(num_attention_heads=8, num_key_value_heads=2, head_dim=4, intermediate_size=6)
+    spec = arch_for(model)
+    lg = build_layer_groups(model)[0]
+    kv_keep, mlp_keep = torch.tensor([False, True]), torch.tensor([True, False, True, False, False, True])
+    s = {k: tuple(None if t is None else t.tolist() for t in v) for k, v in lg.kept_slices(spec, kv_keep, mlp_keep).items()}
+    q_rows, kv_rows, ch = list(range(16, 32)), list(range(4, 8)), [0, 2, 5]  # KV group 1: q heads 4..7, k/v head 1
+    assert s == {"q_proj": (q_rows, None), "k_proj": (kv_rows, None), "v_proj": (kv_rows, None),
+                 "o_proj": (None, q_rows), "gate_proj": (ch, None), "up_proj": (ch, None), "down_proj": (None, ch)}
+    full = lg.kept_slices(spec, torch.ones(2, dtype=torch.bool), torch.ones(6, dtype=torch.bool))
+    assert all(v == (None, None) for v in full.values())
+
+
+def test_removed_params_counts_the_parameters_compaction_removes():
+    from loraprune import Masks, compact
+    from loraprune.groups import layer_projection_params, removed_params
+
+    model = tiny_model(attention_bias=True)
+    groups = build_layer_groups(model)
+    masks = Masks([torch.tensor([True, False]), torch.tensor([True, True])],
+                  [torch.arange(48) < 20, torch.arange(48) % 3 == 0])
+    before = sum(layer_projection_params(model))
+    compact(model, masks)
+    assert removed_params(groups, masks) == before - sum(layer_projection_params(model))

@@ -98,7 +98,7 @@ def test_corrupted_directory_errors(tmp_path):
     (tmp_path / "m" / "config.json").write_text("{not json")
     with pytest.raises(PrunedModelError, match="corrupted"):
         load_pruned(tmp_path / "m")
-    with pytest.raises(PrunedModelError, match="config.json"):
+    with pytest.raises(PrunedModelError, match="does not exist"):
         load_pruned(tmp_path / "nothing")
 
 
@@ -108,7 +108,7 @@ def test_mismatched_weights_error(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["loraprune"]["layers"][0]["intermediate_size"] += 1
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(PrunedModelError, match="do not match"):
+    with pytest.raises(PrunedModelError, match="layer 0 weights have widths .*config.json says"):
         load_pruned(tmp_path / "m")
 
 
@@ -176,7 +176,7 @@ def test_config_with_more_layers_than_the_weights_is_refused(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["num_hidden_layers"] += 1
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(PrunedModelError, match="missing_keys"):
+    with pytest.raises(PrunedModelError, match="says 3 layers, the weights hold 2"):
         load_pruned(tmp_path / "m")
 
 
@@ -192,3 +192,20 @@ def test_biased_llama_with_indivisible_head_count_goes_out_per_layer(tmp_path):
     assert (_logits(again) - want).abs().max() <= 1e-5
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
     assert (_logits(remote) - want).abs().max() <= 1e-5
+
+
+def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    import os
+
+    from loraprune.io import write_atomic, write_json
+
+    write_json(tmp_path / "r.json", {"a": 1})
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(tmp_path / "r.json", "{}")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left

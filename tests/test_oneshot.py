@@ -134,3 +134,17 @@ def test_bad_arguments_are_named():
         oneshot_prune(_model(), random_batches(n=1), 0.3, calib_batches=0)
     with pytest.raises(ValueError, match="bias_compensation=False"):
         oneshot_prune(tiny_model("qwen2"), random_batches(n=1), 0.3, bias_compensation=True)
+
+
+def test_report_block_round_trips_through_prune_report():
+    from loraprune.report import PruneReport
+
+    model = tiny_model("llama", seed=2)
+    pruned = oneshot_prune(model, random_batches(n=2), ratio=0.4, method="wanda-sp", calib_batches=2)
+    block = pruned.config.loraprune
+    report = PruneReport.of(pruned)
+    assert report.to_dict() == block  # nothing lost, nothing added
+    assert report.achieved_ratio == block["removed_params"] / block["projection_params"]
+    assert report.rounding_effect == pytest.approx(report.achieved_ratio - 0.4)
+    assert report.extra["achieved_ratio_with_biases"] == block["achieved_ratio_with_biases"]
+    assert report.layers == block["layers"] and report.steps == 0

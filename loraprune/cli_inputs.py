@@ -1,0 +1,113 @@
+"""What the ``loraprune`` command reads: models (directories, GGUF files, hub ids), tokenizers, text.
+
+Every problem a user can fix is a :class:`CLIError` (a
+:class:`~loraprune.errors.LoRAPruneError`) whose message names the option and
+the fix; paths are checked before any model is loaded.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import LoRAPruneError
+
+PATH_SUFFIXES = (".txt", ".jsonl", ".json", ".gguf", ".safetensors", ".bin")
+
+
+class CLIError(LoRAPruneError):
+    """A user-fixable problem with the command line; the message names the fix."""
+
+
+def looks_like_path(text: str) -> bool:
+    """A local path rather than a hub id or dataset name: exists, is absolute/relative-dotted, or has a file suffix."""
+    return (os.path.exists(text) or text.startswith(("/", ".", "~"))
+            or text.lower().endswith(PATH_SUFFIXES))
+
+
+def check_path_exists(option: str, value: str | None, what: str) -> None:
+    """Refuse a path-like ``value`` that does not exist, naming ``option``."""
+    if value is None or not looks_like_path(value):
+        return
+    if not Path(value).expanduser().exists():
+        raise CLIError(f"{option} {value} does not exist; pass {what}")
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def load_model_and_tokenizer(name: str, tokenizer_name: str | None = None, dtype: str = "float32",
+                             need_tokenizer: bool = True):
+    """``(model, tokenizer)`` for ``--model``: a saved directory (pruned ones included), a ``.gguf`` file, or a hub id.
+
+    The tokenizer comes from ``--tokenizer`` if given, else from the same
+    place as the model (a GGUF file carries its own).
+    """
+    from .gguf import is_gguf_file, load_gguf
+
+    if is_gguf_file(name) and Path(name).expanduser().is_file():
+        model, tok = load_gguf(Path(name).expanduser(), dtype=_dtype(dtype), tokenizer=need_tokenizer and not tokenizer_name)
+    else:
+        model, tok = load_model(name, dtype), None
+    if need_tokenizer and tok is None:
+        tok = load_tokenizer(tokenizer_name or name)
+    return model, tok
+
+
+def load_model(name: str, dtype: str = "float32"):
+    """A causal LM from a directory (pruned ones included) or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    from .archs import ARCHS
+    from .io import PrunedModelError, inspect_dir, load_pruned, read_config
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        config = read_config(path)
+        if config.get("loraprune"):
+            return load_pruned(path, dtype=_dtype(dtype))
+        if config.get("model_type") in ARCHS and any(path.glob("*.safetensors")):
+            inspect_dir(path)  # header-level consistency: from_pretrained only warns about missing weights
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise PrunedModelError(f"{path} holds no model weights (*.safetensors); pass a directory written by "
+                                   "save_pretrained")
+    elif path.is_file():
+        raise CLIError(f"--model {name} is a file, not a model directory; pass a directory written by "
+                       "save_pretrained, a .gguf file, or a hub id")
+    elif looks_like_path(name):
+        raise CLIError(f"--model {name} does not exist; pass a model directory, a .gguf file, or a hub id")
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=_dtype(dtype))
+    except Exception as err:  # hub ids: offline, unknown, gated ... all fixed by passing another model
+        raise CLIError(
+            f"could not load model {name!r} ({type(err).__name__}: {err}); pass a local directory written by "
+            "save_pretrained, a .gguf file, or a hub id reachable from this machine"
+        ) from err
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as err:  # no tokenizer files, unknown hub id ...: the fix is --tokenizer
+        raise CLIError(f"no tokenizer found at {name!r} ({type(err).__name__}); pass --tokenizer DIR_OR_HUB_ID") from err
+
+
+def eval_texts(data: str, split: str = "test", option: str = "--data"):
+    """Texts for perplexity: local files/folders via :mod:`loraprune.data`, else named/hub sets."""
+    from .data import load_texts
+    from .eval import load_eval_text
+
+    check_path_exists(option, data, "a .txt/.jsonl file, a folder of them, or wikitext2 / ptb / shakespeare")
+    if os.path.exists(data):
+        p = Path(data)
+        if p.is_dir() and (p / f"{split}.txt").is_file():
+            return [load_eval_text(str(p), split)]
+        return load_texts(data)
+    try:
+        return [load_eval_text(data, split)]
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(f"{option} {data}: {err}") from err
