@@ -264,7 +264,8 @@ def cmd_prune(args) -> int:
     started = time.time()
     try:
         pruned = prune(model, args.data, cfg, tokenizer=tokenizer, progress=not args.no_progress,
-                       checkpoint_dir=None if checkpoints_off(args) else str(out), resume=args.resume)
+                       checkpoint_dir=None if checkpoints_off(args) else str(out), resume=args.resume,
+                       force_resume=args.force_resume)
     except BaseException:
         release_output(out, created)
         raise

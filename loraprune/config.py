@@ -88,6 +88,8 @@ class PruneConfig:
     checkpoint_dir: str | None = _opt(None, "save the pruning state here every checkpoint_every steps", cli=False)
     checkpoint_every: int | None = _opt(None, "steps between checkpoints (default a tenth of steps)")
     resume: bool = _opt(False, "continue from the newest checkpoint in checkpoint_dir", cli=False)
+    force_resume: bool = _opt(False, "resume even if the checkpoints were written for another model, data or "
+                                     "tokenizer", cli=False)
 
     def __post_init__(self):
         self.validate()
@@ -137,7 +139,7 @@ class PruneConfig:
         num("max_bad_steps", 1, integer=True)
         num("seed", 0, integer=True)
         num("checkpoint_every", 1, integer=True, allow_none=True)
-        for name in ("square", "uniform", "merge", "progress", "resume"):
+        for name in ("square", "uniform", "merge", "progress", "resume", "force_resume"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.resume and not self.checkpoint_dir:
@@ -189,7 +191,8 @@ class PruneConfig:
 #: Options that change which groups are pruned or how LoRA trains: a checkpoint
 #: written under other values cannot be resumed (progress/merge/checkpointing can differ).
 RUN_DEFINING = tuple(f.name for f in fields(PruneConfig)
-                     if f.name not in ("progress", "merge", "checkpoint_dir", "checkpoint_every", "resume"))
+                     if f.name not in ("progress", "merge", "checkpoint_dir", "checkpoint_every", "resume",
+                                       "force_resume"))
 
 
 def options_markdown() -> str:

@@ -25,7 +25,8 @@ from .compaction import compact
 from .config import RUN_DEFINING, PruneConfig
 from .criterion import Importance, make_importance
 from .errors import ConfigError, LoRAPruneError
-from .groups import build_layer_groups, layer_projection_params
+from .groups import build_layer_groups, layer_projection_params, removed_params
+from .report import PruneReport
 from .lora import LoRALinear, is_peft_lora_layer, unwrap_peft, wrap_linear
 from .schedule import CubicSchedule
 from .state import PruningState
@@ -172,12 +173,9 @@ class LoRAPruner:
         """Make the forward pass compute only kept q/k/v/gate/up rows."""
         s = self.spec
         for lg, mods, a_keep, m_keep in zip(self.layers, self.modules, self.state.masks.attn_keep, self.state.masks.mlp_keep):
-            full_a, full_m = bool(a_keep.all()), bool(m_keep.all())
-            mods[s.q].set_keep(None if full_a else lg.q_index(a_keep))
-            mods[s.k].set_keep(None if full_a else lg.kv_index(a_keep))
-            mods[s.v].set_keep(None if full_a else lg.kv_index(a_keep))
-            mods[s.gate].set_keep(None if full_m else lg.channel_index(m_keep))
-            mods[s.up].set_keep(None if full_m else lg.channel_index(m_keep))
+            kept = lg.kept_slices(s, a_keep, m_keep)
+            for name in (s.q, s.k, s.v, s.gate, s.up):  # row-owning projections; o/down read zeros
+                mods[name].set_keep(kept[name][0])
 
     def step_end(self, step: int) -> bool:
         """Record the completed optimiser step; update masks if the schedule says so."""
@@ -196,25 +194,11 @@ class LoRAPruner:
 
     # ---- the end ------------------------------------------------------------------
     def removed_params(self) -> int:
-        return sum(
-            (lg.n_kv - kv) * lg.attn_cost + (lg.n_channels - ch) * lg.mlp_cost
-            for lg, kv, ch in zip(self.layers, self.state.masks.kept_kv(), self.state.masks.kept_channels())
-        )
+        return removed_params(self.layers, self.state.masks)
 
-    def report(self) -> dict:
-        removed = self.removed_params()
-        achieved = removed / self.total_params
-        target = self.config.ratio
-        return {
-            "settings": dict(self.settings),
-            "projection_params": self.total_params,
-            "removed_params": removed,
-            "achieved_ratio": achieved,
-            "target_ratio": target,
-            # achieved - target: what whole KV groups and round_to cost the parameter target
-            "rounding_effect": achieved - target,
-            "steps": self.state.step,
-        }
+    def report(self) -> PruneReport:
+        return PruneReport.measure(self.layers, self.state.masks, self.total_params, self.settings,
+                                   target_ratio=self.config.ratio, steps=self.state.step)
 
     @torch.no_grad()
     def finalize(self, merge: bool = True) -> nn.Module:
@@ -231,7 +215,5 @@ class LoRAPruner:
         self.model.config = copy.deepcopy(self.model.config)
         model = compact(self.model, self.state.masks, self.spec, merge=merge)
         self._replaced = []
-        block = dict(model.config.loraprune)
-        block.update(report)
-        model.config.loraprune = block
+        report.attach(model.config)
         return model

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .config import PruneConfig
 from .data import DataError, make_batches
 from .engine import LoRAPruner
+from .gguf import check_dense
 from .errors import LoRAPruneError
 from .io import attach_export
 from .schedule import CubicSchedule
@@ -139,6 +140,12 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
     if first is None:
         raise DataError("the data gave no batch; pass at least one batch or enough text for one window")
     batches = itertools.chain([first], batches)
+    check_dense(model)
+    fingerprint = None
+    if cfg.checkpoint_dir:
+        from .checkpoint import fingerprint as run_fingerprint
+
+        fingerprint = run_fingerprint(model, data, tokenizer)  # of the model as given, before LoRA
     torch.manual_seed(cfg.seed)
     pruner = LoRAPruner(model, cfg, schedule=schedule)
     hf_model = pruner.model
@@ -146,7 +153,7 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
     use_cache = getattr(given_config, "use_cache", None)
     was_training = hf_model.training
     try:
-        pruned = _run(pruner, batches, cfg, schedule, on_step)
+        pruned = _run(pruner, batches, cfg, schedule, on_step, fingerprint)
     except BaseException:
         pruner.restore()
         hf_model.train(was_training)
@@ -162,20 +169,21 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
     return attach_export(pruned) if cfg.merge else pruned
 
 
-def _run(pruner: LoRAPruner, batches, cfg: PruneConfig, schedule: CubicSchedule, on_step) -> nn.Module:
-    from .checkpoint import Checkpointer  # local: checkpointing is optional
+def _run(pruner: LoRAPruner, batches, cfg: PruneConfig, schedule: CubicSchedule, on_step, fingerprint) -> nn.Module:
+    from .checkpoint import CheckpointError, Checkpointer  # local: checkpointing is optional
 
     hf_model = pruner.model
     device = next(hf_model.parameters()).device
     params = pruner.lora_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     every = cfg.checkpoint_every or max(1, cfg.steps // 10)
-    ckpt = Checkpointer(cfg.checkpoint_dir, every=every, run=None) if cfg.checkpoint_dir else None
+    ckpt = (Checkpointer(cfg.checkpoint_dir, every=every, run=None, fingerprint=fingerprint,
+                         allow_mismatch=cfg.force_resume) if cfg.checkpoint_dir else None)
     start = 0
     if ckpt is not None and cfg.resume:
         start = ckpt.restore(pruner, optimizer)
     elif ckpt is not None and ckpt.complete():
-        raise FileExistsError(
+        raise CheckpointError(
             f"{ckpt.dir} holds checkpoints of an earlier run; pass resume=True to continue it, "
             "or remove them (or choose another checkpoint_dir) to start anew"
         )

@@ -30,7 +30,8 @@ def test_every_field_has_help_and_prune_accepts_it():
 
 def test_run_defining_options_leave_out_only_bookkeeping():
     names = {f.name for f in dataclasses.fields(PruneConfig)}
-    assert names - set(RUN_DEFINING) == {"progress", "merge", "checkpoint_dir", "checkpoint_every", "resume"}
+    assert names - set(RUN_DEFINING) == {"progress", "merge", "checkpoint_dir", "checkpoint_every", "resume",
+                                             "force_resume"}
 
 
 def test_prune_takes_a_config_or_a_float_ratio_positionally():
