@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import DOC_SEPARATOR, read_texts, token_stream
-from .reference import resolve_data_dir, shakespeare_split
+from .data import (  # load_eval_text / EVAL_SETS: re-exported for callers that import them from here
+    EVAL_SETS,
+    DataError,
+    check_token_ids,
+    check_tokenizer_fits,
+    load_eval_text,
+    require_tokens,
+    token_stream,
+    vocab_size_of,
+)
+from .errors import LoRAPruneError
 
 __all__ = ["perplexity", "tokens_per_second", "lm_eval_tasks", "load_eval_text", "EVAL_SETS"]
 
@@ -32,7 +40,7 @@ def _model_device(model) -> torch.device:
 def _context_length(model) -> int:
     n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not n:
-        raise ValueError("window=None needs model.config.max_position_embeddings; pass window=<int> explicitly.")
+        raise LoRAPruneError("window=None needs model.config.max_position_embeddings; pass window=<int> explicitly.")
     return int(n)
 
 
@@ -47,11 +55,7 @@ def _window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int
     this is the plain non-overlapping evaluation.  The tail that does not fill a
     whole window is dropped, as in the reference protocol.
     """
-    if n_tokens < window:
-        raise ValueError(
-            f"text too short for perplexity: found {n_tokens} tokens, need at least window={window} "
-            "tokens for one window (pass more text or a smaller window)."
-        )
+    require_tokens(n_tokens, window)
     starts = range(0, n_tokens - window + 1, stride)
     return [(s, 1 if s == 0 else window - stride) for s in starts]
 
@@ -94,10 +98,13 @@ def perplexity(
     window = _context_length(model) if window is None else int(window)
     stride = window if stride is None else int(stride)
     if window < 2:
-        raise ValueError(f"window must be >= 2 tokens, got {window}.")
+        raise LoRAPruneError(f"window must be >= 2 tokens, got {window}.")
     if not 1 <= stride <= window:
-        raise ValueError(f"stride must be in [1, window={window}], got {stride}.")
+        raise LoRAPruneError(f"stride must be in [1, window={window}], got {stride}.")
+    vocab = vocab_size_of(model)
+    check_tokenizer_fits(tokenizer, vocab)
     ids = token_stream(tokenizer, texts_or_dataset)
+    check_token_ids(ids, vocab, "the evaluation text")
     plan = _window_plan(ids.numel(), window, stride)
     if max_windows is not None:
         plan = plan[: max(1, int(max_windows))]
@@ -150,7 +157,7 @@ def tokens_per_second(
     on the same machine.
     """
     if mode not in ("prefill", "decode"):
-        raise ValueError(f"mode must be 'prefill' or 'decode', got {mode!r}.")
+        raise LoRAPruneError(f"mode must be 'prefill' or 'decode', got {mode!r}.")
     device = _model_device(model)
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
@@ -226,63 +233,3 @@ def lm_eval_tasks(model, tokenizer, tasks, batch_size: int = 8, **kw) -> dict:
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), **kw)
     return results["results"]
-
-
-# --------------------------------------------------------------------- eval texts
-#: Local folder under the data dir, and the hub fallback (dataset, config, text column).
-#: The local WikiText-2 copy is the ``<unk>``-tokenised version, hence ``wikitext-2-v1``.
-EVAL_SETS = {
-    "wikitext2": ("wikitext-2", ("wikitext", "wikitext-2-v1", "text")),
-    "ptb": ("ptb", ("ptb_text_only", "penn_treebank", "sentence")),
-}
-_ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "wiki": "wikitext2", "penn_treebank": "ptb"}
-
-
-def load_eval_text(name: str, split: str = "test", data_dir=None, config: str | None = None) -> str:
-    """Evaluation text as one string, read from the local shared data folder when possible.
-
-    ``name``: ``"wikitext2"`` / ``"ptb"`` (``<data_dir>/<folder>/<split>.txt``),
-    ``"shakespeare"`` (the held-out plays for ``split`` "test"/"valid"/"heldout",
-    the training plays for "train"), a local folder holding ``<split>.txt``, or
-    any hub dataset name (``config`` selects its configuration).  If the local
-    copy is missing, ``datasets.load_dataset`` is used (needs network).
-    """
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key == "shakespeare":
-        train, heldout = shakespeare_split(data_dir)
-        if split not in ("train", "test", "valid", "validation", "heldout"):
-            raise ValueError(f"shakespeare split must be 'train' or 'test'/'heldout', got {split!r}.")
-        return DOC_SEPARATOR.join(read_texts(train if split == "train" else heldout))
-    if key in EVAL_SETS:
-        folder, hub = EVAL_SETS[key]
-        local = resolve_data_dir(data_dir) / folder / f"{split}.txt"
-        if local.is_file():
-            return local.read_text(encoding="utf-8")
-        dataset, default_config, column = hub
-        return _from_hub(dataset, config or default_config, split, column, local)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        f = path / f"{split}.txt"
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: a local eval folder must hold <split>.txt files.")
-        return f.read_text(encoding="utf-8")
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    return _from_hub(name, config, split, "text", None)
-
-
-def _from_hub(dataset: str, config: str | None, split: str, column: str, local: Path | None) -> str:
-    """``datasets.load_dataset`` fallback; documents joined by ``"\\n\\n"`` like the local files' protocol."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(dataset, config, split=split)
-    except Exception as e:  # offline, unknown name, script datasets, ...
-        where = f"No local copy at {local}; " if local is not None else ""
-        raise FileNotFoundError(
-            f"{where}could not load {dataset!r} ({config}) split {split!r} from the hub: {e}. "
-            "Set LORAPRUNE_DATA / data_dir to the shared data folder, or check the network."
-        ) from e
-    if column not in ds.column_names:
-        raise ValueError(f"dataset {dataset!r} has no {column!r} column (columns: {ds.column_names}).")
-    return DOC_SEPARATOR.join(t for t in ds[column] if t is not None)

@@ -8,8 +8,9 @@ README), deterministically under a seed, and caches it on disk:
     model, tokenizer = load_or_train_reference()          # fast preset (~3-4 min)
     model, tokenizer = load_or_train_reference(preset="bench")
 
-It also locates the shared data folder and its fixed Shakespeare split; text
-reading and tokenizing live in :mod:`loraprune.data` (re-exported here).
+Finding the data folder (the shared corpora, else the sample shipped with the
+package), the fixed Shakespeare split, and reading / tokenizing text live in
+:mod:`loraprune.data`; the names are re-exported here for existing callers.
 """
 from __future__ import annotations
 
@@ -27,18 +28,22 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .data import DOC_SEPARATOR, cut_windows, read_texts, text_windows, token_stream
+# Data-folder and text names re-exported for existing callers; their home is loraprune.data.
+from .data import (
+    DOC_SEPARATOR,
+    HELDOUT_FILES,
+    cut_windows,
+    read_texts,
+    resolve_data_dir,
+    shakespeare_split,
+    text_windows,
+    token_stream,
+)
+from .eval import perplexity
 
 __all__ = [
-    "HELDOUT_FILES",
     "PRESETS",
     "TrainSettings",
-    "resolve_data_dir",
-    "shakespeare_split",
-    "read_texts",
-    "token_stream",
-    "cut_windows",
-    "text_windows",
     "train_tokenizer",
     "reference_config",
     "train_reference",
@@ -47,54 +52,11 @@ __all__ = [
     "reference_stats",
 ]
 
-#: Shakespeare works held out for evaluation (fixed by the shared data README).
-HELDOUT_FILES = ("hamlet.txt", "macbeth.txt", "twelfth_night.txt", "sonnets.txt")
-
-
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)  # ids 0, 1, 2
 
 STATS_FILE = "training_stats.json"
 _CACHE_FORMAT = 1  # bump when the on-disk layout or training code changes
-
-
-# --------------------------------------------------------------------------- data
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """Where the shared text corpora live.
-
-    Priority: explicit ``data_dir`` > env ``LORAPRUNE_DATA`` > ``../shared/data``
-    relative to the current working directory (the project root layout).
-    """
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    env = os.environ.get("LORAPRUNE_DATA")
-    if env:
-        return Path(env).expanduser()
-    return (Path.cwd() / ".." / "shared" / "data").resolve()
-
-
-def shakespeare_split(data_dir: str | os.PathLike | None = None) -> tuple[list[Path], list[Path]]:
-    """Return ``(train_paths, heldout_paths)`` of the fixed Shakespeare split.
-
-    Held out: :data:`HELDOUT_FILES`; every other ``*.txt`` in ``shakespeare/``
-    is training / calibration text.  Both lists are sorted by file name.
-    """
-    folder = resolve_data_dir(data_dir) / "shakespeare"
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"Shakespeare corpus not found at {folder}. Pass data_dir=<folder containing "
-            "shakespeare/> or set LORAPRUNE_DATA (the project expects ../shared/data "
-            "relative to the current directory)."
-        )
-    files = sorted(p for p in folder.glob("*.txt") if p.is_file())
-    heldout = [folder / name for name in HELDOUT_FILES]
-    missing = [p.name for p in heldout if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"held-out files {missing} missing from {folder}; the split needs all of {list(HELDOUT_FILES)}.")
-    train = [p for p in files if p.name not in HELDOUT_FILES]
-    if not train:
-        raise FileNotFoundError(f"no training .txt files in {folder} besides the held-out ones.")
-    return train, sorted(heldout)
 
 
 # ---------------------------------------------------------------------- tokenizer
@@ -378,8 +340,6 @@ def _remove_stale_tmp(root: Path, key: str) -> None:
 
 def _build(tmp: Path, settings: TrainSettings, seed: int, data_dir, progress: bool) -> None:
     """Train tokenizer + model into ``tmp`` (stats file written last)."""
-    from .eval import perplexity
-
     t0 = time.perf_counter()
     train_paths, heldout_paths = shakespeare_split(data_dir)
     raw = read_texts(train_paths)
