@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from .data import (  # load_eval_text / EVAL_SETS: re-exported for callers that import them from here
     EVAL_SETS,
-    DataError,
     check_token_ids,
     check_tokenizer_fits,
     load_eval_text,

@@ -22,21 +22,17 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
 # Data-folder and text names re-exported for existing callers; their home is loraprune.data.
 from .data import (
     DOC_SEPARATOR,
-    HELDOUT_FILES,
-    cut_windows,
     read_texts,
-    resolve_data_dir,
     shakespeare_split,
-    text_windows,
     token_stream,
 )
 from .eval import perplexity
@@ -231,8 +227,8 @@ def train_reference(settings: TrainSettings, train_ids: torch.Tensor, seed: int 
     the stream with a seeded generator, so the run is a pure function of
     (settings, data, seed) on a given machine/thread count.
     """
-    from transformers import LlamaForCausalLM
     from tqdm.auto import tqdm
+    from transformers import LlamaForCausalLM
 
     s = settings
     if train_ids.numel() <= s.seq_len + 1:

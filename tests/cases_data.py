@@ -7,16 +7,16 @@ import functools
 import json
 
 import torch
-from bad_input_table import Case
-from tiny import tiny_config, tiny_model
 
+from bad_input_table import Case
 from loraprune.data import make_batches, read_texts
 from loraprune.eval import perplexity
+from tiny import tiny_config, tiny_model
 
 VOCAB = 512  # room for the test tokenizer (byte-level BPE has at least 259 tokens)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(vocab_size=300):
     from loraprune.reference import train_tokenizer
 

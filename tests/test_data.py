@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_config
 
 import loraprune
 from loraprune import data as D
 from loraprune.data import DataError, load_eval_text, load_texts, make_batches, text_windows, token_stream
+from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraprune import eval as ev
-from loraprune.eval import load_eval_text, lm_eval_tasks, perplexity, tokens_per_second
+from loraprune.eval import lm_eval_tasks, load_eval_text, perplexity, tokens_per_second
 from loraprune.reference import train_tokenizer
 
 VOCAB = 300
