@@ -28,13 +28,10 @@ from pathlib import Path
 
 import torch
 
-# Data-folder and text names re-exported for existing callers; their home is loraprune.data.
-from .data import (
-    DOC_SEPARATOR,
-    read_texts,
-    shakespeare_split,
-    token_stream,
-)
+from .data import DOC_SEPARATOR, read_texts, shakespeare_split, token_stream
+
+# Re-exported for existing callers (bench/, older scripts); their home is loraprune.data.
+from .data import HELDOUT_FILES, cut_windows, resolve_data_dir, text_windows  # noqa: F401, E402  isort: skip
 from .eval import perplexity
 
 __all__ = [
