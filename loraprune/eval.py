@@ -1,14 +1,17 @@
-"""Evaluation: perplexity in the paper's style, CPU throughput, lm-eval hook, eval texts.
+"""Evaluation: perplexity in the paper's style, CPU throughput, lm-eval hook.
 
 Perplexity follows the usual pruning-paper protocol (SparseGPT, LLM-Pruner,
 LoRAPrune): join the documents with ``"\\n\\n"``, tokenize once, cut the stream
 into non-overlapping windows and report ``exp(mean NLL)`` over every predicted
 token.  Compare pruned / dense ratios on the same text and tokenizer.
+The evaluation texts themselves come from :func:`loraprune.data.load_eval_text`.
 """
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,29 +73,38 @@ def _scored_nll(logits: torch.Tensor, ids: torch.Tensor, first: torch.Tensor) ->
 
 @torch.no_grad()
 def perplexity(
-    model,
-    texts_or_dataset,
-    tokenizer=None,
+    model: torch.nn.Module,
+    texts_or_dataset: Any,
+    tokenizer: Any = None,
     window: int | None = 128,
     stride: int | None = None,
     batch_size: int = 8,
     max_windows: int | None = None,
-    device=None,
+    device: str | torch.device | None = None,
     progress: bool = False,
 ) -> float:
     """Perplexity ``exp(mean NLL over scored tokens)`` of a causal LM.
 
-    ``texts_or_dataset``: a string, a list of strings, a path / list of paths to
-    text files, a ``datasets.Dataset`` with a ``"text"`` column, or token ids as a
-    LongTensor (1-D stream or 2-D rows, concatenated).  Documents are joined by
-    ``"\\n\\n"`` and tokenized without special tokens.
+    Documents are joined by ``"\\n\\n"``, tokenized once without special tokens
+    and cut into windows; the model's train/eval mode is restored afterwards.
 
-    ``window``: tokens per window (``None`` = the model's full context).
-    ``stride``: ``None`` = ``window`` (non-overlapping, the paper's protocol);
-    smaller = sliding evaluation that scores only the new tokens of each window.
-    ``max_windows`` keeps only the first N windows (quick estimates);
-    ``progress`` shows a tqdm bar over the batches.
-    The model's train/eval mode is restored afterwards.
+    Args:
+        model: a causal LM returning ``.logits`` (any ``transformers`` model).
+        texts_or_dataset: a string, a list of strings, a path / list of paths to
+            text files, a ``datasets.Dataset`` with a ``"text"`` column, or token
+            ids as an integer tensor (1-D stream or 2-D rows, concatenated).
+        tokenizer: needed for text; must not have more tokens than the model's embedding.
+        window: tokens per window (``None`` = the model's full context).
+        stride: ``None`` = ``window`` (non-overlapping, the paper's protocol);
+            smaller = sliding evaluation that scores only the new tokens of each window.
+        batch_size: windows per forward pass.
+        max_windows: keep only the first N windows (quick estimates).
+        device: where to run (default: the model's device).
+        progress: show a tqdm bar over the batches.
+
+    Raises:
+        DataError: empty or too-short text, token ids outside the model's vocabulary,
+            a tokenizer that is not the model's, float token tensors.
     """
     window = _context_length(model) if window is None else int(window)
     stride = window if stride is None else int(stride)
@@ -136,7 +148,7 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def tokens_per_second(
-    model,
+    model: torch.nn.Module,
     batch_size: int = 1,
     seq_len: int = 128,
     mode: str = "prefill",
@@ -148,12 +160,21 @@ def tokens_per_second(
 ) -> float:
     """Measured throughput in tokens/second (median over ``repeats`` after ``warmup`` runs).
 
-    ``mode="prefill"``: one forward pass over ``batch_size x seq_len`` random
-    tokens, no KV cache.  ``mode="decode"``: greedy generation of ``new_tokens``
-    tokens with the KV cache after a ``prompt_len``-token prompt; only the
-    decode steps are timed (the prompt's prefill is excluded), so the figure is
-    ``batch_size * new_tokens / decode time``.  Intended for before/after ratios
-    on the same machine.
+    Intended for before/after ratios on the same machine, never for absolute claims.
+
+    Args:
+        model: a causal LM with ``config.vocab_size``.
+        batch_size: sequences per forward pass.
+        seq_len: prefill length (``mode="prefill"``).
+        mode: ``"prefill"``: one forward pass over ``batch_size x seq_len`` random
+            tokens, no KV cache. ``"decode"``: greedy generation of ``new_tokens``
+            tokens with the KV cache after a ``prompt_len``-token prompt; only the
+            decode steps are timed, so the figure is ``batch_size * new_tokens / decode time``.
+        new_tokens: decode steps timed (``mode="decode"``).
+        repeats: timed runs; the median is reported.
+        warmup: untimed runs first.
+        prompt_len: prompt length before decoding.
+        seed: seeds the random token ids.
     """
     if mode not in ("prefill", "decode"):
         raise LoRAPruneError(f"mode must be 'prefill' or 'decode', got {mode!r}.")
@@ -211,14 +232,21 @@ def _decode_once(model, ids, new_tokens) -> float:
 
 
 # ------------------------------------------------------------------------ lm-eval
-def lm_eval_tasks(model, tokenizer, tasks, batch_size: int = 8, **kw) -> dict:
-    """Run lm-evaluation-harness tasks (e.g. ``["boolq", "piqa"]``) on an in-memory model.
+def lm_eval_tasks(model: torch.nn.Module, tokenizer: Any, tasks: str | Sequence[str], batch_size: int = 8,
+                  **kw: Any) -> dict:
+    """Run lm-evaluation-harness tasks on an in-memory model.
 
-    Wraps the model with ``lm_eval.models.huggingface.HFLM(pretrained=model,
-    tokenizer=tokenizer)`` and calls ``lm_eval.simple_evaluate``; extra keyword
-    arguments (``num_fewshot``, ``limit``, ...) go to ``simple_evaluate``.
-    Returns the ``"results"`` dict (task -> metrics).  Needs the optional extra
-    ``pip install loraprune[eval]`` and network access for the task data.
+    Needs the optional extra ``pip install loraprune[eval]`` and network access for the task data.
+
+    Args:
+        model: the (pruned) model, wrapped with ``lm_eval.models.huggingface.HFLM``.
+        tokenizer: its tokenizer.
+        tasks: task names, e.g. ``["boolq", "piqa"]`` (or one name).
+        batch_size: HFLM's batch size.
+        **kw: passed to ``lm_eval.simple_evaluate`` (``num_fewshot``, ``limit``, ...).
+
+    Returns:
+        The ``"results"`` dict (task -> metrics).
     """
     try:
         import lm_eval

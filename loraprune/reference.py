@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,13 +54,20 @@ _CACHE_FORMAT = 1  # bump when the on-disk layout or training code changes
 
 
 # ---------------------------------------------------------------------- tokenizer
-def train_tokenizer(paths_or_texts, vocab_size: int = 4096, min_frequency: int = 2, model_max_length: int = 1 << 20):
+def train_tokenizer(paths_or_texts: Any, vocab_size: int = 4096, min_frequency: int = 2,
+                    model_max_length: int = 1 << 20) -> Any:
     """Train a byte-level BPE tokenizer; returns a ``PreTrainedTokenizerFast``.
 
     Special tokens ``<s>``/``</s>``/``<pad>`` get ids 0/1/2.  No template adds
     them automatically (``add_special_tokens`` is a no-op), so tokenizing text
     gives exactly the text's tokens.  Training is deterministic for the same
     input and settings.
+
+    Args:
+        paths_or_texts: any :func:`loraprune.data.read_texts` source.
+        vocab_size: target vocabulary size (small corpora may stop short of it).
+        min_frequency: merges seen fewer times are not learned.
+        model_max_length: the tokenizer's ``model_max_length``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -97,13 +105,20 @@ def reference_config(
     head_dim: int | None = None,
     max_position_embeddings: int = 256,
     tie_word_embeddings: bool = True,
-    **overrides,
-):
+    **overrides: Any,
+) -> Any:
     """A small LLaMA ``LlamaConfig`` with grouped-query attention.
 
     Defaults: 8 query heads sharing 2 KV heads (groups of 4), head_dim 32,
     ~3.9M parameters with tied embeddings (tying saves a vocab x hidden matrix
     that would otherwise be a quarter of this tiny model).
+
+    Args:
+        vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+        num_attention_heads, num_key_value_heads, max_position_embeddings,
+        tie_word_embeddings: as in ``LlamaConfig``.
+        head_dim: ``None`` = ``hidden_size // num_attention_heads``.
+        **overrides: any other ``LlamaConfig`` field.
     """
     from transformers import LlamaConfig
 
@@ -217,12 +232,19 @@ def _num_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def train_reference(settings: TrainSettings, train_ids: torch.Tensor, seed: int = 0, progress: bool = True):
+def train_reference(settings: TrainSettings, train_ids: torch.Tensor, seed: int = 0,
+                    progress: bool = True) -> tuple[Any, dict]:
     """Train a fresh reference model on a 1-D token stream; returns ``(model, stats)``.
 
     Each step samples ``batch_size`` random windows of ``seq_len`` tokens from
     the stream with a seeded generator, so the run is a pure function of
     (settings, data, seed) on a given machine/thread count.
+
+    Args:
+        settings: model size and optimiser settings.
+        train_ids: the training text as one token stream.
+        seed: seeds the initialisation and the window sampling.
+        progress: show a tqdm bar.
     """
     from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
@@ -299,8 +321,9 @@ def _cache_key(settings: TrainSettings, seed: int, train_names: Sequence[str]) -
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def reference_cache_dir(cache_dir=None, preset="default", steps=None, seed: int = 0, data_dir=None) -> Path:
-    """The directory :func:`load_or_train_reference` uses for these arguments."""
+def reference_cache_dir(cache_dir: str | os.PathLike | None = None, preset: str | TrainSettings = "default",
+                        steps: int | None = None, seed: int = 0, data_dir: str | os.PathLike | None = None) -> Path:
+    """The directory :func:`load_or_train_reference` uses for these arguments (same meaning)."""
     settings = _resolve_settings(preset, steps)
     train, _ = shakespeare_split(data_dir)
     return _cache_root(cache_dir) / _cache_key(settings, seed, [p.name for p in train])
@@ -368,21 +391,30 @@ def _build(tmp: Path, settings: TrainSettings, seed: int, data_dir, progress: bo
 
 
 def load_or_train_reference(
-    cache_dir=None,
-    data_dir=None,
+    cache_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
     steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
     preset: str | TrainSettings = "default",
-):
+) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` of the reference LLaMA, training it if not cached.
 
     The cache lives at ``<root>/<hash>/`` with root ``~/.cache/loraprune/reference``
     (``$LORAPRUNE_CACHE/reference`` if set, or ``cache_dir`` verbatim), the hash
-    covering config, steps, seed, tokenizer settings and the training file list.
+    covering config, steps, seed, tokenizer settings and the training file list
+    (so the shipped sample, with fewer files, never shares an entry with the full corpus).
     Training happens in a temporary sibling directory that is renamed into place
     only when complete, so an interrupted run never leaves a cache that looks valid.
-    ``preset`` is ``"default"`` (fast, demo), ``"bench"`` or a :class:`TrainSettings`.
+
+    Args:
+        cache_dir: the cache root (see above).
+        data_dir: the data folder (:func:`loraprune.data.resolve_data_dir`: the
+            shared corpora, else the sample shipped with the package).
+        steps: overrides the preset's training steps.
+        seed: seeds initialisation and sampling (part of the cache key).
+        progress: show a tqdm bar while training.
+        preset: ``"default"`` (fast, demo), ``"bench"`` or a :class:`TrainSettings`.
     """
     settings = _resolve_settings(preset, steps)
     train_paths, _ = shakespeare_split(data_dir)
