@@ -324,7 +324,15 @@ def load_eval_text(name: str, split: str = "test", data_dir: str | os.PathLike |
 
 # ------------------------------------------------------------------- tokenizing
 def vocab_size_of(model_or_config: Any) -> int | None:
-    """Rows of the model's input embedding (else ``config.vocab_size``); ``None`` if unknown."""
+    """The number of token ids a model accepts.
+
+    Args:
+        model_or_config: a model (its input embedding's rows, else its
+            ``config.vocab_size``) or a config (its ``vocab_size``).
+
+    Returns:
+        The size, or ``None`` if unknown.
+    """
     get_embeddings = getattr(model_or_config, "get_input_embeddings", None)
     if callable(get_embeddings):
         emb = get_embeddings()
@@ -414,7 +422,12 @@ def token_stream(tokenizer: Any, source: Any, separator: str = DOC_SEPARATOR) ->
 
 
 def require_tokens(n_tokens: int, window: int) -> None:
-    """Refuse text shorter than one window of ``window`` tokens."""
+    """Refuse text shorter than one window.
+
+    Args:
+        n_tokens: tokens in the text.
+        window: tokens per window (``seq_len`` for training, ``window`` for perplexity).
+    """
     if n_tokens < window:
         raise DataError(
             f"text too short: found {n_tokens} tokens, need at least window={window} tokens for one window; "
@@ -423,20 +436,38 @@ def require_tokens(n_tokens: int, window: int) -> None:
 
 
 def cut_windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Non-overlapping ``seq_len`` windows of a token stream, ``(n, seq_len)``; the tail is dropped."""
+    """Non-overlapping windows of a token stream; the tail is dropped.
+
+    Args:
+        stream: a 1-D token tensor.
+        seq_len: tokens per window.
+
+    Returns:
+        ``(n, seq_len)`` windows, a view of ``stream``.
+    """
     require_tokens(stream.numel(), seq_len)
     n = stream.numel() // seq_len
     return stream[: n * seq_len].view(n, seq_len)
 
 
 def text_windows(tokenizer: Any, source: Any, seq_len: int, separator: str = DOC_SEPARATOR) -> torch.Tensor:
-    """Tokenize a text source and cut it into ``(n, seq_len)`` windows (see :func:`token_stream`)."""
+    """Tokenize a text source and cut it into ``(n, seq_len)`` windows.
+
+    Args:
+        tokenizer, source, separator: as in :func:`token_stream`.
+        seq_len: tokens per window.
+    """
     return cut_windows(token_stream(tokenizer, source, separator), seq_len)
 
 
 # ---------------------------------------------------------------------- batches
 def check_context(seq_len: int, config: Any) -> None:
-    """Refuse sequences longer than the model's context (``max_position_embeddings``)."""
+    """Refuse sequences longer than the model's context.
+
+    Args:
+        seq_len: tokens per sequence.
+        config: the model's config; its ``max_position_embeddings`` (if any) is the limit.
+    """
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise DataError(
@@ -445,7 +476,13 @@ def check_context(seq_len: int, config: Any) -> None:
 
 
 def text_batches(rows: torch.Tensor, batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless shuffled batches of windows (a new permutation every epoch)."""
+    """Endless shuffled batches of windows (a new permutation every epoch).
+
+    Args:
+        rows: ``(n, seq_len)`` token windows (see :func:`cut_windows`).
+        batch_size: windows per batch (the last batch of an epoch may be smaller).
+        seed: seeds the permutations.
+    """
     gen = torch.Generator().manual_seed(seed)
     while True:
         for chunk in torch.randperm(rows.shape[0], generator=gen).split(batch_size):
@@ -506,8 +543,12 @@ def _check_batch(batch: Any, n: int, config: Any) -> dict:
 
 
 def dataset_batches(ds: Any, batch_size: int) -> list[dict]:
-    """Batches of a tokenized ``datasets.Dataset`` (an ``input_ids`` column, optionally
-    ``attention_mask``/``labels``), in order; shuffle the dataset first if wanted."""
+    """Batches of a tokenized ``datasets.Dataset``, in order (shuffle the dataset first if wanted).
+
+    Args:
+        ds: a dataset with an ``input_ids`` column, optionally ``attention_mask`` / ``labels``.
+        batch_size: rows per batch.
+    """
     cols = [c for c in ("input_ids", "attention_mask", "labels") if c in ds.column_names]
     if len(ds) == 0:
         raise DataError("the dataset is empty")
@@ -515,10 +556,15 @@ def dataset_batches(ds: Any, batch_size: int) -> list[dict]:
 
 
 def checked_batches(batches: Iterable, config: Any) -> Iterator[dict]:
-    """Cycle through user batches, validating each as it is drawn and adding causal-LM labels.
+    """Cycle through user batches, validating each and adding causal-LM labels.
 
-    A list or tuple is checked in full before the first batch is returned, so a
-    bad batch anywhere in it stops the run before any work starts.
+    A list or tuple is checked in full before this returns, so a bad batch
+    anywhere in it stops the run before any work starts; other iterables are
+    checked as each batch is drawn.
+
+    Args:
+        batches: dicts with ``input_ids`` and optionally ``attention_mask`` / ``labels``.
+        config: the model's config (context length and vocabulary size).
     """
     if isinstance(batches, (list, tuple)):
         checked = [_check_batch(b, n, config) for n, b in enumerate(batches, 1)]

@@ -206,3 +206,14 @@ def test_public_surface_is_small_and_lazy():
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         loraprune.nope  # noqa: B018
     assert importlib.import_module("loraprune.callback").LoRAPruneCallback is loraprune.LoRAPruneCallback
+
+
+def test_slow_list_names_existing_tests():
+    """conftest's slow list must follow renames, or a slow test silently joins the fast loop."""
+    import conftest
+
+    for file in conftest.SLOW_FILES:
+        assert (ROOT / "tests" / file).is_file(), file
+    for entry in conftest.SLOW_TESTS:
+        file, name = entry.split("::")
+        assert f"def {name}(" in (ROOT / "tests" / file).read_text(encoding="utf-8"), entry
