@@ -30,6 +30,21 @@ SLOW_TESTS = {
     "test_kernels_backend.py::test_env_default_and_triton_on_cpu_needs_interpreter",
     "test_data.py::test_public_surface_is_small_and_lazy",
     "test_prune.py::test_triton_kernels_drive_the_same_run",
+    # prune() training runs (measured 6-43 s each on the shared 2-core machine)
+    "test_prune.py::test_end_to_end_smaller_model_and_report",
+    "test_prune.py::test_deterministic_under_seed",
+    "test_prune.py::test_different_seed_changes_result",
+    "test_prune.py::test_other_criteria_run",
+    "test_prune.py::test_global_ranking_and_skip_layers_give_per_layer_model",
+    "test_prune.py::test_text_data_with_tokenizer",
+    "test_prune.py::test_on_step_hook_sees_every_step_and_the_schedule",
+    "test_prune.py::test_global_ranking_honours_skip_layers",
+    "test_prune.py::test_tokenized_dataset_is_accepted",
+    "test_prune.py::test_user_batches_are_normalised",
+    "test_cli.py::test_prune_inspect_eval_session",
+    # per-layer round trips of every architecture (the uniform ones stay in the fast loop)
+    "test_archs.py::test_per_layer_round_trip",
+    "test_archs.py::test_round_to_reports_its_cost_on_the_parameter_target",
 }
 
 
