@@ -91,17 +91,13 @@ def test_no_import_cycle_among_loraprune_modules():
     assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))
 
 
-def test_cycle_finder_finds_a_lazy_cycle():
+def test_cycle_finder_finds_a_lazy_cycle(tmp_path):
     """The detector itself: a function-level import closing a loop counts (the old eval <-> reference)."""
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _find_cycle(graph) == ["a", "b", "c", "a"]
-    code = "def f():\n    from .reference import x\nif TYPE_CHECKING:\n    from .engine import y\n"
-    path = ROOT / "tests" / ".scratch_cycle.py"
-    try:
-        path.write_text(code)
-        assert _imported("loraprune.eval", path, {"loraprune.reference", "loraprune.engine"}) == {"loraprune.reference"}
-    finally:
-        path.unlink()
+    path = tmp_path / "eval.py"
+    path.write_text("def f():\n    from .reference import x\nif TYPE_CHECKING:\n    from .engine import y\n")
+    assert _imported("loraprune.eval", path, {"loraprune.reference", "loraprune.engine"}) == {"loraprune.reference"}
 
 
 def test_text_plumbing_has_one_home():
