@@ -2,34 +2,66 @@
 
 ``loraprune.prune(model, data, ratio=0.5)`` returns the model physically
 smaller (fewer KV-head groups, narrower MLPs), LoRA merged, ready for
-``save_pretrained`` and ``load_pruned``. The pieces are public for users with
-their own training loop: :class:`LoRAPruner` (the engine), the criteria,
-:class:`CubicSchedule`, :class:`PruningState` / :class:`Masks`, and
-:func:`compact`.
-"""
-from .adapter import export_adapter
-from .allocation import Allocation, allocate
-from .archs import ARCHS, ArchSpec, ModuleLayoutError, UnsupportedArchitectureError, arch_for
-from .callback import LoRAPruneCallback
-from .checkpoint import Checkpointer, CheckpointError
-from .compaction import compact, merge_lora
-from .criterion import CRITERIA, score_module
-from .data import DataError
-from .engine import LoRAPruner
-from .groups import LayerGroups, build_layer_groups
-from .io import PrunedModelError, attach_export, load_pruned, save_pruned
-from .lora import LoRALinear
-from .masks import Masks
-from .oneshot import oneshot_prune
-from .prune import NonFiniteLossError, prune
-from .schedule import CubicSchedule
-from .state import PruningState
+``save_pretrained`` and :func:`load_pruned`. Options live in
+:class:`PruneConfig`. For your own training loop: :class:`LoRAPruner` (the
+engine), :class:`CubicSchedule`, :func:`compact`, and the Hugging Face Trainer
+callback :class:`LoRAPruneCallback` (imported on first use, so ``import
+loraprune`` does not pull in ``transformers.Trainer``).
 
+The parts behind these (criteria, masks, groups, architectures, checkpoints,
+data and evaluation helpers) stay public in their modules, e.g.
+``loraprune.data.make_batches`` or ``loraprune.masks.Masks``.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .adapter import export_adapter
+from .compaction import compact, merge_lora
+from .config import PruneConfig
+from .engine import LoRAPruner
+from .errors import LoRAPruneError
+from .eval import perplexity
+from .io import load_pruned, save_pruned
+from .oneshot import oneshot_prune
+from .prune import prune
+from .schedule import CubicSchedule
+
+#: The single source of the version: pyproject.toml reads it from here.
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHS", "Allocation", "ArchSpec", "CRITERIA", "CheckpointError", "Checkpointer", "CubicSchedule", "DataError",
-    "LayerGroups", "LoRALinear", "LoRAPruneCallback", "LoRAPruner", "Masks", "ModuleLayoutError", "NonFiniteLossError", "PrunedModelError",
-    "PruningState", "UnsupportedArchitectureError", "allocate", "arch_for", "attach_export", "build_layer_groups",
-    "compact", "export_adapter", "load_pruned", "merge_lora", "oneshot_prune", "prune", "save_pruned", "score_module",
+    "CubicSchedule", "LoRAPruneCallback", "LoRAPruneError", "LoRAPruner", "PruneConfig", "compact",
+    "export_adapter", "load_pruned", "merge_lora", "oneshot_prune", "perplexity", "prune", "save_pruned",
 ]
+
+#: Imported on first access: the Trainer callback (heavy imports), and names that
+#: used to be exported here and now live only in their modules (kept working).
+_LAZY = {
+    "LoRAPruneCallback": "callback",
+    "ARCHS": "archs", "ArchSpec": "archs", "arch_for": "archs",
+    "ModuleLayoutError": "archs", "UnsupportedArchitectureError": "archs",
+    "Allocation": "allocation", "allocate": "allocation",
+    "Checkpointer": "checkpoint", "CheckpointError": "checkpoint",
+    "CRITERIA": "criterion", "score_module": "criterion",
+    "DataError": "data",
+    "LayerGroups": "groups", "build_layer_groups": "groups",
+    "PrunedModelError": "io", "attach_export": "io",
+    "LoRALinear": "lora",
+    "Masks": "masks",
+    "NonFiniteLossError": "prune",
+    "PruningState": "state",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loraprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

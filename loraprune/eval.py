@@ -1,22 +1,32 @@
-"""Evaluation: perplexity in the paper's style, CPU throughput, lm-eval hook, eval texts.
+"""Evaluation: perplexity in the paper's style, CPU throughput, lm-eval hook.
 
 Perplexity follows the usual pruning-paper protocol (SparseGPT, LLM-Pruner,
 LoRAPrune): join the documents with ``"\\n\\n"``, tokenize once, cut the stream
 into non-overlapping windows and report ``exp(mean NLL)`` over every predicted
 token.  Compare pruned / dense ratios on the same text and tokenizer.
+The evaluation texts themselves come from :func:`loraprune.data.load_eval_text`.
 """
 from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import DOC_SEPARATOR, read_texts, token_stream
-from .reference import resolve_data_dir, shakespeare_split
+from .data import (  # load_eval_text / EVAL_SETS: re-exported for callers that import them from here
+    EVAL_SETS,
+    check_token_ids,
+    check_tokenizer_fits,
+    load_eval_text,
+    require_tokens,
+    token_stream,
+    vocab_size_of,
+)
+from .errors import LoRAPruneError
 
 __all__ = ["perplexity", "tokens_per_second", "lm_eval_tasks", "load_eval_text", "EVAL_SETS"]
 
@@ -32,7 +42,7 @@ def _model_device(model) -> torch.device:
 def _context_length(model) -> int:
     n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not n:
-        raise ValueError("window=None needs model.config.max_position_embeddings; pass window=<int> explicitly.")
+        raise LoRAPruneError("window=None needs model.config.max_position_embeddings; pass window=<int> explicitly.")
     return int(n)
 
 
@@ -47,11 +57,7 @@ def _window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int
     this is the plain non-overlapping evaluation.  The tail that does not fill a
     whole window is dropped, as in the reference protocol.
     """
-    if n_tokens < window:
-        raise ValueError(
-            f"text too short for perplexity: found {n_tokens} tokens, need at least window={window} "
-            "tokens for one window (pass more text or a smaller window)."
-        )
+    require_tokens(n_tokens, window)
     starts = range(0, n_tokens - window + 1, stride)
     return [(s, 1 if s == 0 else window - stride) for s in starts]
 
@@ -67,37 +73,49 @@ def _scored_nll(logits: torch.Tensor, ids: torch.Tensor, first: torch.Tensor) ->
 
 @torch.no_grad()
 def perplexity(
-    model,
-    texts_or_dataset,
-    tokenizer=None,
+    model: torch.nn.Module,
+    texts_or_dataset: Any,
+    tokenizer: Any = None,
     window: int | None = 128,
     stride: int | None = None,
     batch_size: int = 8,
     max_windows: int | None = None,
-    device=None,
+    device: str | torch.device | None = None,
     progress: bool = False,
 ) -> float:
     """Perplexity ``exp(mean NLL over scored tokens)`` of a causal LM.
 
-    ``texts_or_dataset``: a string, a list of strings, a path / list of paths to
-    text files, a ``datasets.Dataset`` with a ``"text"`` column, or token ids as a
-    LongTensor (1-D stream or 2-D rows, concatenated).  Documents are joined by
-    ``"\\n\\n"`` and tokenized without special tokens.
+    Documents are joined by ``"\\n\\n"``, tokenized once without special tokens
+    and cut into windows; the model's train/eval mode is restored afterwards.
 
-    ``window``: tokens per window (``None`` = the model's full context).
-    ``stride``: ``None`` = ``window`` (non-overlapping, the paper's protocol);
-    smaller = sliding evaluation that scores only the new tokens of each window.
-    ``max_windows`` keeps only the first N windows (quick estimates);
-    ``progress`` shows a tqdm bar over the batches.
-    The model's train/eval mode is restored afterwards.
+    Args:
+        model: a causal LM returning ``.logits`` (any ``transformers`` model).
+        texts_or_dataset: a string, a list of strings, a path / list of paths to
+            text files, a ``datasets.Dataset`` with a ``"text"`` column, or token
+            ids as an integer tensor (1-D stream or 2-D rows, concatenated).
+        tokenizer: needed for text; must not have more tokens than the model's embedding.
+        window: tokens per window (``None`` = the model's full context).
+        stride: ``None`` = ``window`` (non-overlapping, the paper's protocol);
+            smaller = sliding evaluation that scores only the new tokens of each window.
+        batch_size: windows per forward pass.
+        max_windows: keep only the first N windows (quick estimates).
+        device: where to run (default: the model's device).
+        progress: show a tqdm bar over the batches.
+
+    Raises:
+        DataError: empty or too-short text, token ids outside the model's vocabulary,
+            a tokenizer that is not the model's, float token tensors.
     """
     window = _context_length(model) if window is None else int(window)
     stride = window if stride is None else int(stride)
     if window < 2:
-        raise ValueError(f"window must be >= 2 tokens, got {window}.")
+        raise LoRAPruneError(f"window must be >= 2 tokens, got {window}.")
     if not 1 <= stride <= window:
-        raise ValueError(f"stride must be in [1, window={window}], got {stride}.")
+        raise LoRAPruneError(f"stride must be in [1, window={window}], got {stride}.")
+    vocab = vocab_size_of(model)
+    check_tokenizer_fits(tokenizer, vocab)
     ids = token_stream(tokenizer, texts_or_dataset)
+    check_token_ids(ids, vocab, "the evaluation text")
     plan = _window_plan(ids.numel(), window, stride)
     if max_windows is not None:
         plan = plan[: max(1, int(max_windows))]
@@ -130,7 +148,7 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def tokens_per_second(
-    model,
+    model: torch.nn.Module,
     batch_size: int = 1,
     seq_len: int = 128,
     mode: str = "prefill",
@@ -142,15 +160,24 @@ def tokens_per_second(
 ) -> float:
     """Measured throughput in tokens/second (median over ``repeats`` after ``warmup`` runs).
 
-    ``mode="prefill"``: one forward pass over ``batch_size x seq_len`` random
-    tokens, no KV cache.  ``mode="decode"``: greedy generation of ``new_tokens``
-    tokens with the KV cache after a ``prompt_len``-token prompt; only the
-    decode steps are timed (the prompt's prefill is excluded), so the figure is
-    ``batch_size * new_tokens / decode time``.  Intended for before/after ratios
-    on the same machine.
+    Intended for before/after ratios on the same machine, never for absolute claims.
+
+    Args:
+        model: a causal LM with ``config.vocab_size``.
+        batch_size: sequences per forward pass.
+        seq_len: prefill length (``mode="prefill"``).
+        mode: ``"prefill"``: one forward pass over ``batch_size x seq_len`` random
+            tokens, no KV cache. ``"decode"``: greedy generation of ``new_tokens``
+            tokens with the KV cache after a ``prompt_len``-token prompt; only the
+            decode steps are timed, so the figure is ``batch_size * new_tokens / decode time``.
+        new_tokens: decode steps timed (``mode="decode"``).
+        repeats: timed runs; the median is reported.
+        warmup: untimed runs first.
+        prompt_len: prompt length before decoding.
+        seed: seeds the random token ids.
     """
     if mode not in ("prefill", "decode"):
-        raise ValueError(f"mode must be 'prefill' or 'decode', got {mode!r}.")
+        raise LoRAPruneError(f"mode must be 'prefill' or 'decode', got {mode!r}.")
     device = _model_device(model)
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
@@ -205,14 +232,21 @@ def _decode_once(model, ids, new_tokens) -> float:
 
 
 # ------------------------------------------------------------------------ lm-eval
-def lm_eval_tasks(model, tokenizer, tasks, batch_size: int = 8, **kw) -> dict:
-    """Run lm-evaluation-harness tasks (e.g. ``["boolq", "piqa"]``) on an in-memory model.
+def lm_eval_tasks(model: torch.nn.Module, tokenizer: Any, tasks: str | Sequence[str], batch_size: int = 8,
+                  **kw: Any) -> dict:
+    """Run lm-evaluation-harness tasks on an in-memory model.
 
-    Wraps the model with ``lm_eval.models.huggingface.HFLM(pretrained=model,
-    tokenizer=tokenizer)`` and calls ``lm_eval.simple_evaluate``; extra keyword
-    arguments (``num_fewshot``, ``limit``, ...) go to ``simple_evaluate``.
-    Returns the ``"results"`` dict (task -> metrics).  Needs the optional extra
-    ``pip install loraprune[eval]`` and network access for the task data.
+    Needs the optional extra ``pip install loraprune[eval]`` and network access for the task data.
+
+    Args:
+        model: the (pruned) model, wrapped with ``lm_eval.models.huggingface.HFLM``.
+        tokenizer: its tokenizer.
+        tasks: task names, e.g. ``["boolq", "piqa"]`` (or one name).
+        batch_size: HFLM's batch size.
+        **kw: passed to ``lm_eval.simple_evaluate`` (``num_fewshot``, ``limit``, ...).
+
+    Returns:
+        The ``"results"`` dict (task -> metrics).
     """
     try:
         import lm_eval
@@ -226,63 +260,3 @@ def lm_eval_tasks(model, tokenizer, tasks, batch_size: int = 8, **kw) -> dict:
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), **kw)
     return results["results"]
-
-
-# --------------------------------------------------------------------- eval texts
-#: Local folder under the data dir, and the hub fallback (dataset, config, text column).
-#: The local WikiText-2 copy is the ``<unk>``-tokenised version, hence ``wikitext-2-v1``.
-EVAL_SETS = {
-    "wikitext2": ("wikitext-2", ("wikitext", "wikitext-2-v1", "text")),
-    "ptb": ("ptb", ("ptb_text_only", "penn_treebank", "sentence")),
-}
-_ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "wiki": "wikitext2", "penn_treebank": "ptb"}
-
-
-def load_eval_text(name: str, split: str = "test", data_dir=None, config: str | None = None) -> str:
-    """Evaluation text as one string, read from the local shared data folder when possible.
-
-    ``name``: ``"wikitext2"`` / ``"ptb"`` (``<data_dir>/<folder>/<split>.txt``),
-    ``"shakespeare"`` (the held-out plays for ``split`` "test"/"valid"/"heldout",
-    the training plays for "train"), a local folder holding ``<split>.txt``, or
-    any hub dataset name (``config`` selects its configuration).  If the local
-    copy is missing, ``datasets.load_dataset`` is used (needs network).
-    """
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key == "shakespeare":
-        train, heldout = shakespeare_split(data_dir)
-        if split not in ("train", "test", "valid", "validation", "heldout"):
-            raise ValueError(f"shakespeare split must be 'train' or 'test'/'heldout', got {split!r}.")
-        return DOC_SEPARATOR.join(read_texts(train if split == "train" else heldout))
-    if key in EVAL_SETS:
-        folder, hub = EVAL_SETS[key]
-        local = resolve_data_dir(data_dir) / folder / f"{split}.txt"
-        if local.is_file():
-            return local.read_text(encoding="utf-8")
-        dataset, default_config, column = hub
-        return _from_hub(dataset, config or default_config, split, column, local)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        f = path / f"{split}.txt"
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: a local eval folder must hold <split>.txt files.")
-        return f.read_text(encoding="utf-8")
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    return _from_hub(name, config, split, "text", None)
-
-
-def _from_hub(dataset: str, config: str | None, split: str, column: str, local: Path | None) -> str:
-    """``datasets.load_dataset`` fallback; documents joined by ``"\\n\\n"`` like the local files' protocol."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(dataset, config, split=split)
-    except Exception as e:  # offline, unknown name, script datasets, ...
-        where = f"No local copy at {local}; " if local is not None else ""
-        raise FileNotFoundError(
-            f"{where}could not load {dataset!r} ({config}) split {split!r} from the hub: {e}. "
-            "Set LORAPRUNE_DATA / data_dir to the shared data folder, or check the network."
-        ) from e
-    if column not in ds.column_names:
-        raise ValueError(f"dataset {dataset!r} has no {column!r} column (columns: {ds.column_names}).")
-    return DOC_SEPARATOR.join(t for t in ds[column] if t is not None)

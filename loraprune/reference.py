@@ -8,8 +8,9 @@ README), deterministically under a seed, and caches it on disk:
     model, tokenizer = load_or_train_reference()          # fast preset (~3-4 min)
     model, tokenizer = load_or_train_reference(preset="bench")
 
-It also locates the shared data folder and its fixed Shakespeare split; text
-reading and tokenizing live in :mod:`loraprune.data` (re-exported here).
+Finding the data folder (the shared corpora, else the sample shipped with the
+package), the fixed Shakespeare split, and reading / tokenizing text live in
+:mod:`loraprune.data`; the names are re-exported here for existing callers.
 """
 from __future__ import annotations
 
@@ -21,24 +22,22 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any
 
 import torch
 
-from .data import DOC_SEPARATOR, cut_windows, read_texts, text_windows, token_stream
+from .data import DOC_SEPARATOR, read_texts, shakespeare_split, token_stream
+
+# Re-exported for existing callers (bench/, older scripts); their home is loraprune.data.
+from .data import HELDOUT_FILES, cut_windows, resolve_data_dir, text_windows  # noqa: F401, E402  isort: skip
+from .eval import perplexity
 
 __all__ = [
-    "HELDOUT_FILES",
     "PRESETS",
     "TrainSettings",
-    "resolve_data_dir",
-    "shakespeare_split",
-    "read_texts",
-    "token_stream",
-    "cut_windows",
-    "text_windows",
     "train_tokenizer",
     "reference_config",
     "train_reference",
@@ -47,10 +46,6 @@ __all__ = [
     "reference_stats",
 ]
 
-#: Shakespeare works held out for evaluation (fixed by the shared data README).
-HELDOUT_FILES = ("hamlet.txt", "macbeth.txt", "twelfth_night.txt", "sonnets.txt")
-
-
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)  # ids 0, 1, 2
 
@@ -58,53 +53,21 @@ STATS_FILE = "training_stats.json"
 _CACHE_FORMAT = 1  # bump when the on-disk layout or training code changes
 
 
-# --------------------------------------------------------------------------- data
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """Where the shared text corpora live.
-
-    Priority: explicit ``data_dir`` > env ``LORAPRUNE_DATA`` > ``../shared/data``
-    relative to the current working directory (the project root layout).
-    """
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    env = os.environ.get("LORAPRUNE_DATA")
-    if env:
-        return Path(env).expanduser()
-    return (Path.cwd() / ".." / "shared" / "data").resolve()
-
-
-def shakespeare_split(data_dir: str | os.PathLike | None = None) -> tuple[list[Path], list[Path]]:
-    """Return ``(train_paths, heldout_paths)`` of the fixed Shakespeare split.
-
-    Held out: :data:`HELDOUT_FILES`; every other ``*.txt`` in ``shakespeare/``
-    is training / calibration text.  Both lists are sorted by file name.
-    """
-    folder = resolve_data_dir(data_dir) / "shakespeare"
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"Shakespeare corpus not found at {folder}. Pass data_dir=<folder containing "
-            "shakespeare/> or set LORAPRUNE_DATA (the project expects ../shared/data "
-            "relative to the current directory)."
-        )
-    files = sorted(p for p in folder.glob("*.txt") if p.is_file())
-    heldout = [folder / name for name in HELDOUT_FILES]
-    missing = [p.name for p in heldout if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"held-out files {missing} missing from {folder}; the split needs all of {list(HELDOUT_FILES)}.")
-    train = [p for p in files if p.name not in HELDOUT_FILES]
-    if not train:
-        raise FileNotFoundError(f"no training .txt files in {folder} besides the held-out ones.")
-    return train, sorted(heldout)
-
-
 # ---------------------------------------------------------------------- tokenizer
-def train_tokenizer(paths_or_texts, vocab_size: int = 4096, min_frequency: int = 2, model_max_length: int = 1 << 20):
+def train_tokenizer(paths_or_texts: Any, vocab_size: int = 4096, min_frequency: int = 2,
+                    model_max_length: int = 1 << 20) -> Any:
     """Train a byte-level BPE tokenizer; returns a ``PreTrainedTokenizerFast``.
 
     Special tokens ``<s>``/``</s>``/``<pad>`` get ids 0/1/2.  No template adds
     them automatically (``add_special_tokens`` is a no-op), so tokenizing text
     gives exactly the text's tokens.  Training is deterministic for the same
     input and settings.
+
+    Args:
+        paths_or_texts: any :func:`loraprune.data.read_texts` source.
+        vocab_size: target vocabulary size (small corpora may stop short of it).
+        min_frequency: merges seen fewer times are not learned.
+        model_max_length: the tokenizer's ``model_max_length``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -142,13 +105,20 @@ def reference_config(
     head_dim: int | None = None,
     max_position_embeddings: int = 256,
     tie_word_embeddings: bool = True,
-    **overrides,
-):
+    **overrides: Any,
+) -> Any:
     """A small LLaMA ``LlamaConfig`` with grouped-query attention.
 
     Defaults: 8 query heads sharing 2 KV heads (groups of 4), head_dim 32,
     ~3.9M parameters with tied embeddings (tying saves a vocab x hidden matrix
     that would otherwise be a quarter of this tiny model).
+
+    Args:
+        vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+        num_attention_heads, num_key_value_heads, max_position_embeddings,
+        tie_word_embeddings: as in ``LlamaConfig``.
+        head_dim: ``None`` = ``hidden_size // num_attention_heads``.
+        **overrides: any other ``LlamaConfig`` field.
     """
     from transformers import LlamaConfig
 
@@ -262,15 +232,22 @@ def _num_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def train_reference(settings: TrainSettings, train_ids: torch.Tensor, seed: int = 0, progress: bool = True):
+def train_reference(settings: TrainSettings, train_ids: torch.Tensor, seed: int = 0,
+                    progress: bool = True) -> tuple[Any, dict]:
     """Train a fresh reference model on a 1-D token stream; returns ``(model, stats)``.
 
     Each step samples ``batch_size`` random windows of ``seq_len`` tokens from
     the stream with a seeded generator, so the run is a pure function of
     (settings, data, seed) on a given machine/thread count.
+
+    Args:
+        settings: model size and optimiser settings.
+        train_ids: the training text as one token stream.
+        seed: seeds the initialisation and the window sampling.
+        progress: show a tqdm bar.
     """
-    from transformers import LlamaForCausalLM
     from tqdm.auto import tqdm
+    from transformers import LlamaForCausalLM
 
     s = settings
     if train_ids.numel() <= s.seq_len + 1:
@@ -344,8 +321,9 @@ def _cache_key(settings: TrainSettings, seed: int, train_names: Sequence[str]) -
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def reference_cache_dir(cache_dir=None, preset="default", steps=None, seed: int = 0, data_dir=None) -> Path:
-    """The directory :func:`load_or_train_reference` uses for these arguments."""
+def reference_cache_dir(cache_dir: str | os.PathLike | None = None, preset: str | TrainSettings = "default",
+                        steps: int | None = None, seed: int = 0, data_dir: str | os.PathLike | None = None) -> Path:
+    """The directory :func:`load_or_train_reference` uses for these arguments (same meaning)."""
     settings = _resolve_settings(preset, steps)
     train, _ = shakespeare_split(data_dir)
     return _cache_root(cache_dir) / _cache_key(settings, seed, [p.name for p in train])
@@ -378,8 +356,6 @@ def _remove_stale_tmp(root: Path, key: str) -> None:
 
 def _build(tmp: Path, settings: TrainSettings, seed: int, data_dir, progress: bool) -> None:
     """Train tokenizer + model into ``tmp`` (stats file written last)."""
-    from .eval import perplexity
-
     t0 = time.perf_counter()
     train_paths, heldout_paths = shakespeare_split(data_dir)
     raw = read_texts(train_paths)
@@ -415,21 +391,30 @@ def _build(tmp: Path, settings: TrainSettings, seed: int, data_dir, progress: bo
 
 
 def load_or_train_reference(
-    cache_dir=None,
-    data_dir=None,
+    cache_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
     steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
     preset: str | TrainSettings = "default",
-):
+) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` of the reference LLaMA, training it if not cached.
 
     The cache lives at ``<root>/<hash>/`` with root ``~/.cache/loraprune/reference``
     (``$LORAPRUNE_CACHE/reference`` if set, or ``cache_dir`` verbatim), the hash
-    covering config, steps, seed, tokenizer settings and the training file list.
+    covering config, steps, seed, tokenizer settings and the training file list
+    (so the shipped sample, with fewer files, never shares an entry with the full corpus).
     Training happens in a temporary sibling directory that is renamed into place
     only when complete, so an interrupted run never leaves a cache that looks valid.
-    ``preset`` is ``"default"`` (fast, demo), ``"bench"`` or a :class:`TrainSettings`.
+
+    Args:
+        cache_dir: the cache root (see above).
+        data_dir: the data folder (:func:`loraprune.data.resolve_data_dir`: the
+            shared corpora, else the sample shipped with the package).
+        steps: overrides the preset's training steps.
+        seed: seeds initialisation and sampling (part of the cache key).
+        progress: show a tqdm bar while training.
+        preset: ``"default"`` (fast, demo), ``"bench"`` or a :class:`TrainSettings`.
     """
     settings = _resolve_settings(preset, steps)
     train_paths, _ = shakespeare_split(data_dir)

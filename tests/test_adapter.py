@@ -10,15 +10,14 @@ from safetensors.torch import load_file
 import loraprune
 from loraprune import LoRAPruner, PrunedModelError, load_pruned, merge_lora, save_pruned
 from loraprune.adapter import export_adapter
-from tiny import random_batches, tiny_model
+from tiny import logits, random_batches, tiny_model
 
 X = random_batches(n=1, batch=2, seq=10, seed=5)[0]["input_ids"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _logits(model):
-    with torch.no_grad():
-        return model(X).logits
+    return logits(model, X)
 
 
 def _randomise_lora(pruner, seed=0):

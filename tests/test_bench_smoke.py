@@ -15,20 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import run as bench_run  # noqa: E402
-from loraprune.reference import resolve_data_dir  # noqa: E402
-
-
-def _data_dir() -> Path:
-    for cand in (resolve_data_dir(), ROOT / ".." / "shared" / "data"):
-        if (cand / "shakespeare").is_dir():
-            return cand.resolve()
-    raise FileNotFoundError("shared data folder not found beside the repository; set LORAPRUNE_DATA")
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("bench")
-    assert bench_run.main(["all", "--smoke", "--out", str(out), "--data", str(_data_dir())]) == 0
+    assert bench_run.main(["all", "--smoke", "--out", str(out), "--data", str(data_dir)]) == 0
     return out
 
 

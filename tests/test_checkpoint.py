@@ -20,13 +20,12 @@ from loraprune.reference import train_tokenizer
 from tiny import tiny_model
 
 STEPS, EVERY = 12, 2
-TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "shakespeare" / "sonnets.txt"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("ckpt")
-    text = TEXT.read_text(encoding="utf-8")[:12000] if TEXT.is_file() else "to be or not to be, that is it. " * 400
+    text = (data_dir / "shakespeare" / "sonnets.txt").read_text(encoding="utf-8")[:12000]
     (root / "data.txt").write_text(text, encoding="utf-8")
     tok = train_tokenizer([text], vocab_size=160)
     model = tiny_model(vocab_size=len(tok), intermediate_size=64, num_attention_heads=4, num_key_value_heads=4)

@@ -1,27 +1,14 @@
 """Tests for loraprune.eval against independent closed-form / manual references."""
 import math
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from loraprune import eval as ev
-from loraprune.eval import load_eval_text, lm_eval_tasks, perplexity, tokens_per_second
-from loraprune.reference import resolve_data_dir, train_tokenizer
-
-
-def _shared_data():
-    for cand in (resolve_data_dir(), Path(__file__).resolve().parents[1] / ".." / "shared" / "data"):
-        if (cand / "wikitext-2").is_dir():
-            return cand.resolve()
-    return None
-
-
-DATA = _shared_data()
-needs_data = pytest.mark.skipif(DATA is None, reason="shared data folder not found; set LORAPRUNE_DATA")
+from loraprune.eval import lm_eval_tasks, load_eval_text, perplexity, tokens_per_second
+from loraprune.reference import train_tokenizer
 
 VOCAB = 300
 
@@ -194,8 +181,8 @@ def test_lm_eval_missing_names_the_extra(monkeypatch):
 
 
 # --------------------------------------------------------------- eval texts
-@needs_data
-def test_load_eval_text_local():
+def test_load_eval_text_local(eval_data_dir):
+    DATA = eval_data_dir
     wt = load_eval_text("wikitext2", "test", data_dir=DATA)
     assert wt == (DATA / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
     assert "<unk>" in wt
@@ -225,3 +212,14 @@ def test_load_eval_text_hub_fallback(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(FileNotFoundError, match="LORAPRUNE_DATA"):
         load_eval_text("ptb", "test", data_dir=tmp_path)
+
+
+def test_load_eval_text_from_the_shipped_sample():
+    """A fresh clone has no data folder: the held-out Shakespeare comes from the package's sample."""
+    from loraprune.data import SAMPLE_DIR
+
+    held = load_eval_text("shakespeare", "test", data_dir=SAMPLE_DIR)
+    assert held.startswith("HAMLET") and "MACBETH" in held and "OTHELLO" not in held
+    assert held == "\n\n".join((SAMPLE_DIR / "shakespeare" / f).read_text(encoding="utf-8")
+                               for f in ("hamlet.txt", "macbeth.txt", "sonnets.txt", "twelfth_night.txt"))
+    assert "OTHELLO" in load_eval_text("shakespeare", "train", data_dir=SAMPLE_DIR)

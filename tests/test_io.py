@@ -8,14 +8,13 @@ from transformers import AutoModelForCausalLM
 import loraprune
 from loraprune import PrunedModelError, attach_export, load_pruned, save_pruned
 from test_compaction import masked_and_compacted
-from tiny import random_batches, tiny_model
+from tiny import logits, random_batches, tiny_model
 
 X = random_batches(n=1, batch=2, seq=10, seed=3)[0]["input_ids"]
 
 
 def _logits(model):
-    with torch.no_grad():
-        return model(X).logits
+    return logits(model, X)
 
 
 def _pruned(arch, uniform, **cfg):

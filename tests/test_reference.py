@@ -1,37 +1,20 @@
 """Tests for loraprune.reference: data split, tokenizer, tiny deterministic training, cache."""
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
+from loraprune import data as D
 from loraprune import reference as ref
+from loraprune.data import HELDOUT_FILES, SAMPLE_DIR, resolve_data_dir, shakespeare_split, text_windows, token_stream
 from loraprune.reference import (
-    HELDOUT_FILES,
     PRESETS,
     TrainSettings,
     load_or_train_reference,
     reference_cache_dir,
     reference_config,
-    resolve_data_dir,
-    shakespeare_split,
-    text_windows,
-    token_stream,
     train_tokenizer,
 )
-
-
-def _shared_data() -> Path:
-    for cand in (resolve_data_dir(), Path(__file__).resolve().parents[1] / ".." / "shared" / "data"):
-        if (cand / "shakespeare").is_dir():
-            return cand.resolve()
-    # The workspace ships ../shared/data beside the repository; without it these
-    # tests cannot say anything, so they fail loudly rather than skip.
-    raise FileNotFoundError("shared data folder not found beside the repository; set LORAPRUNE_DATA")
-
-
-DATA = _shared_data()
 
 TINY = TrainSettings(
     vocab_size=384,
@@ -49,9 +32,9 @@ TINY = TrainSettings(
 
 
 @pytest.fixture
-def tiny_data(tmp_path):
+def tiny_data(tmp_path, data_dir):
     """A miniature copy of the Shakespeare folder (same file names, first 15 kB of each)."""
-    src_train, src_held = shakespeare_split(DATA)
+    src_train, src_held = shakespeare_split(data_dir)
     dst = tmp_path / "data" / "shakespeare"
     dst.mkdir(parents=True)
     for p in src_train[:4] + src_held:
@@ -60,14 +43,24 @@ def tiny_data(tmp_path):
 
 
 # ------------------------------------------------------------------------- data
-def test_split_matches_readme():
-    train, held = shakespeare_split(DATA)
+@pytest.mark.parametrize("folder", ["shared", "sample"])
+def test_split_matches_readme(folder, data_dir):
+    root = SAMPLE_DIR if folder == "sample" else data_dir
+    train, held = shakespeare_split(root)
     assert sorted(p.name for p in held) == sorted(HELDOUT_FILES)
     assert set(HELDOUT_FILES) == {"hamlet.txt", "macbeth.txt", "twelfth_night.txt", "sonnets.txt"}
-    all_files = {p.name for p in (DATA / "shakespeare").glob("*.txt")}
+    all_files = {p.name for p in (root / "shakespeare").glob("*.txt")}
     assert {p.name for p in train} == all_files - set(HELDOUT_FILES)
-    assert len(train) == len(all_files) - 4 and len(train) > 30
+    assert len(train) == len(all_files) - 4 and len(train) >= (5 if root == SAMPLE_DIR else 30)
     assert [p.name for p in train] == sorted(p.name for p in train)
+
+
+def test_sample_is_small_real_text():
+    """The shipped sample: a few hundred KB of the same works as the full corpus, opening lines intact."""
+    files = sorted((SAMPLE_DIR / "shakespeare").glob("*.txt"))
+    assert 150_000 < sum(p.stat().st_size for p in files) < 300_000
+    assert (SAMPLE_DIR / "README.md").read_text(encoding="utf-8").count("public domain")
+    assert (SAMPLE_DIR / "shakespeare" / "hamlet.txt").read_text(encoding="utf-8").startswith("HAMLET")
 
 
 def test_split_missing_folder_names_fix(tmp_path):
@@ -76,18 +69,25 @@ def test_split_missing_folder_names_fix(tmp_path):
 
 
 def test_data_dir_resolution(tmp_path, monkeypatch):
+    """explicit > $LORAPRUNE_DATA > ../shared/data beside the repository > the shipped sample."""
     monkeypatch.delenv("LORAPRUNE_DATA", raising=False)
     (tmp_path / "proj").mkdir()
-    monkeypatch.chdir(tmp_path / "proj")
-    assert resolve_data_dir() == (tmp_path / "shared" / "data").resolve()
+    beside = [tmp_path / "proj" / ".." / "shared" / "data", tmp_path / "checkout" / "shared" / "data"]
+    monkeypatch.setattr(D, "_beside_repository", lambda: beside)
+    assert resolve_data_dir() == SAMPLE_DIR  # nothing beside the repository: a fresh clone
+    assert shakespeare_split()[1][0].parent == SAMPLE_DIR / "shakespeare"
+    beside[1].mkdir(parents=True)
+    assert resolve_data_dir() == beside[1]
+    beside[0].mkdir(parents=True)
+    assert resolve_data_dir() == (tmp_path / "shared" / "data")
     monkeypatch.setenv("LORAPRUNE_DATA", str(tmp_path / "elsewhere"))
     assert resolve_data_dir() == tmp_path / "elsewhere"
     assert resolve_data_dir(tmp_path / "explicit") == tmp_path / "explicit"
 
 
 # -------------------------------------------------------------------- tokenizer
-def test_tokenizer_deterministic_and_special_tokens():
-    train, _ = shakespeare_split(DATA)
+def test_tokenizer_deterministic_and_special_tokens(data_dir):
+    train, _ = shakespeare_split(data_dir)
     texts = [p.read_text(encoding="utf-8")[:40_000] for p in train[:5]]
     a = train_tokenizer(texts, vocab_size=600)
     b = train_tokenizer(texts, vocab_size=600)
@@ -107,7 +107,7 @@ def test_text_windows_cut_the_stream():
     win = text_windows(tok, texts, 16)
     assert win.dtype == torch.long and win.shape == (stream.numel() // 16, 16)
     assert torch.equal(win.flatten(), stream[: win.numel()])
-    with pytest.raises(ValueError, match="fewer than one window of 100000"):
+    with pytest.raises(ValueError, match="need at least window=100000"):
         text_windows(tok, texts, 100_000)
 
 

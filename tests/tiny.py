@@ -39,3 +39,9 @@ def tiny_model(arch="llama", seed=0, **overrides):
 def random_batches(vocab=97, n=4, batch=2, seq=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)} for _ in range(n)]
+
+
+def logits(model, input_ids):
+    """The model's logits on ``input_ids``, without autograd (for comparing two models)."""
+    with torch.no_grad():
+        return model(input_ids).logits

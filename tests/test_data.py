@@ -1,0 +1,215 @@
+"""loraprune.data: one home for text, no import cycles, batches checked against the model."""
+import ast
+import fnmatch
+import importlib
+import importlib.util
+import pkgutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import loraprune
+from loraprune import data as D
+from loraprune.data import DataError, load_eval_text, load_texts, make_batches, text_windows, token_stream
+from tiny import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ import graph
+def _package_modules() -> dict[str, Path]:
+    """Every module of loraprune (kernels included: installed as loraprune.kernels) -> its file."""
+    found = {"loraprune": Path(loraprune.__file__)}
+    for pkg_name in ("loraprune", "loraprune.kernels"):
+        spec = importlib.util.find_spec(pkg_name)
+        found[pkg_name] = Path(spec.origin)
+        for info in pkgutil.iter_modules(spec.submodule_search_locations, pkg_name + "."):
+            found[info.name] = Path(importlib.util.find_spec(info.name).origin)
+    return found
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(test)
+
+
+def _imported(module: str, path: Path, known: set[str]) -> set[str]:
+    """Modules of ``known`` that ``module`` imports anywhere (lazy imports included,
+    ``if TYPE_CHECKING:`` blocks excluded)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out: set[str] = set()
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if _is_type_checking(child):
+                continue
+            if isinstance(child, ast.Import):
+                out.update(a.name for a in child.names if a.name in known)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.rsplit(".", child.level - 1)[0] if child.level > 1 else package
+                    target = f"{base}.{child.module}" if child.module else base
+                else:
+                    target = child.module or ""
+                for alias in child.names:  # a submodule imported by name needs only that submodule
+                    sub = f"{target}.{alias.name}"
+                    out.add(sub if sub in known else target)
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return out & known - {module}
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    stack: list[str] = []
+
+    def dfs(node):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := dfs(nxt)):
+                return cycle
+        state[node] = 2
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := dfs(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_among_loraprune_modules():
+    modules = _package_modules()
+    graph = {m: _imported(m, p, set(modules)) for m, p in modules.items()}
+    assert {"loraprune.data", "loraprune.eval", "loraprune.reference", "loraprune.kernels.ops"} <= set(graph)
+    assert "loraprune.data" in graph["loraprune.eval"]  # the walk sees relative imports
+    assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))
+
+
+def test_cycle_finder_finds_a_lazy_cycle(tmp_path):
+    """The detector itself: a function-level import closing a loop counts (the old eval <-> reference)."""
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _find_cycle(graph) == ["a", "b", "c", "a"]
+    path = tmp_path / "eval.py"
+    path.write_text("def f():\n    from .reference import x\nif TYPE_CHECKING:\n    from .engine import y\n")
+    assert _imported("loraprune.eval", path, {"loraprune.reference", "loraprune.engine"}) == {"loraprune.reference"}
+
+
+def test_text_plumbing_has_one_home():
+    """eval and reference use data's functions, not copies of them."""
+    from loraprune import eval as E
+    from loraprune import reference as R
+
+    for name in ("resolve_data_dir", "shakespeare_split", "token_stream", "cut_windows", "read_texts"):
+        assert getattr(R, name) is getattr(D, name)
+    assert E.load_eval_text is D.load_eval_text and E.EVAL_SETS is D.EVAL_SETS
+
+
+# ------------------------------------------------------------------------- hub
+def test_hub_name_convention_is_shared(monkeypatch):
+    """``"name:config"`` (CLI) and ``config=`` (eval) both reach load_dataset(name, config, split=)."""
+    import datasets
+
+    calls = []
+
+    def fake(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": ["one", "  ", "two"], "sentence": ["s1", "s2", "s3"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert load_texts("wikitext:wikitext-2-raw-v1") == ["one", "two"]
+    assert load_eval_text("wikitext", "test", config="wikitext-2-raw-v1", data_dir=ROOT / "nowhere") == "one\n\n  \n\ntwo"
+    assert load_eval_text("someone/corpus:cfg", "valid") == "one\n\n  \n\ntwo"
+    assert load_eval_text("ptb", data_dir=ROOT / "nowhere") == "s1\n\ns2\n\ns3"
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "train"), ("wikitext", "wikitext-2-raw-v1", "test"),
+                     ("someone/corpus", "cfg", "valid"), ("ptb_text_only", "penn_treebank", "test")]
+
+
+def test_unreachable_hub_names_the_fix(monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="neither a local file/folder nor a loadable hub dataset"):
+        load_texts("no-such-corpus")
+    with pytest.raises(FileNotFoundError, match=r"no local copy at .*nowhere.*LORAPRUNE_DATA"):
+        load_eval_text("wikitext2", data_dir=ROOT / "nowhere")
+
+
+# --------------------------------------------------------------------- batches
+def test_list_of_batches_is_checked_before_the_first_draw():
+    good = {"input_ids": torch.tensor([[1, 2, 3]])}
+    bad = {"input_ids": torch.tensor([[1, 2, 99]])}
+    with pytest.raises(DataError, match="batch 3: input_ids: token id 99"):
+        make_batches([good, good, bad], tiny_config(vocab_size=97))  # no next(): refused up front
+
+
+def test_checked_batches_cycle_and_derive_labels():
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    it = make_batches([{"input_ids": ids, "attention_mask": mask}, {"input_ids": [9, 10]}], tiny_config())
+    first, second, again = next(it), next(it), next(it)
+    assert torch.equal(first["labels"], torch.tensor([[5, 6, 7, -100]]))  # padding is not trained on
+    assert torch.equal(second["input_ids"], torch.tensor([[9, 10]])) and second["input_ids"].dtype == torch.long
+    assert torch.equal(again["input_ids"], ids)
+    # a boolean mask is a mask too
+    b = next(make_batches([{"input_ids": ids, "attention_mask": mask.bool()}], tiny_config()))
+    assert torch.equal(b["labels"], first["labels"])
+
+
+def test_text_batches_are_the_token_stream(data_dir):
+    from loraprune.reference import train_tokenizer
+
+    text = (data_dir / "shakespeare" / "sonnets.txt").read_text(encoding="utf-8")[:6000]
+    tok = train_tokenizer([text], vocab_size=300)
+    rows = text_windows(tok, [text], 32)
+    assert torch.equal(rows.flatten(), token_stream(tok, text)[: rows.numel()])
+    batch = next(make_batches([text], tiny_config(vocab_size=300), tok, seq_len=32, batch_size=4))
+    assert batch["input_ids"].shape == (4, 32)
+    assert all(any(torch.equal(r, w) for w in rows) for r in batch["input_ids"])  # whole windows, shuffled
+
+
+# --------------------------------------------------------------------- package
+def test_sample_text_is_declared_package_data():
+    """Every shipped sample file matches a package-data pattern of pyproject.toml, so wheels carry it."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = meta["tool"]["setuptools"]["package-data"]["loraprune"]
+    files = [p.relative_to(D.SAMPLE_DIR.parent).as_posix() for p in D.SAMPLE_DIR.rglob("*") if p.is_file()]
+    assert len(files) >= 10 and "samples/README.md" in files
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)
+    assert meta["project"]["dynamic"] == ["version"] or meta["project"].get("version") == loraprune.__version__
+
+
+def test_public_surface_is_small_and_lazy():
+    import subprocess
+    import sys
+
+    assert 10 <= len(loraprune.__all__) <= 16
+    for name in loraprune.__all__:
+        assert getattr(loraprune, name) is not None
+    heavy = "print('loraprune.callback' in sys.modules, 'transformers.trainer_callback' in sys.modules)"
+    code = f"import sys, loraprune; {heavy}; loraprune.LoRAPruneCallback; {heavy}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "True", "True"]
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        loraprune.nope  # noqa: B018
+    assert importlib.import_module("loraprune.callback").LoRAPruneCallback is loraprune.LoRAPruneCallback
+
+
+def test_slow_list_names_existing_tests():
+    """conftest's slow list must follow renames, or a slow test silently joins the fast loop."""
+    import conftest
+
+    for file in conftest.SLOW_FILES:
+        assert (ROOT / "tests" / file).is_file(), file
+    for entry in conftest.SLOW_TESTS:
+        file, name = entry.split("::")
+        assert f"def {name}(" in (ROOT / "tests" / file).read_text(encoding="utf-8"), entry
