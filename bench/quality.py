@@ -44,14 +44,22 @@ def smoke_settings(**over) -> dict:
 
 
 def eval_streams(setup: BenchSetup, tokenizer, windows: dict[str, int], max_windows: int | None) -> dict:
-    """``{set: {window name: token ids}}``: the evenly spaced windows every model is scored on."""
-    from loraprune.reference import token_stream
+    """``{set: {window name: token ids}}``: the evenly spaced windows every model is scored on.
+
+    A set whose text cannot be found (a clone without ``../shared`` and offline: only the
+    Shakespeare sample ships with the package) is left out, with a note."""
+    from loraprune.data import DataError, token_stream
 
     from .common import evenly_spaced_windows
 
     out = {}
     for name in EVAL_SETS:
-        stream = token_stream(tokenizer, setup.eval_text(name))
+        try:
+            text = setup.eval_text(name)
+        except DataError as err:
+            print(f"quality: {name} left out ({err})", flush=True)
+            continue
+        stream = token_stream(tokenizer, text)
         out[name] = {w: evenly_spaced_windows(stream, n, max_windows) for w, n in windows.items()}
     return out
 

