@@ -39,6 +39,7 @@ METHODS: dict[str, dict] = {
     "fisher": dict(criterion="fisher", ranking="layer", distill=0.0),
     "fisher-adaptive": dict(criterion="fisher", ranking="adaptive", distill=0.0),
     "grad-adaptive": dict(criterion="grad", ranking="adaptive", distill=0.0, normalize=None),
+    "fisher-kd": dict(criterion="fisher", ranking="layer", distill=0.5),
     "fisher-adaptive-kd": dict(criterion="fisher", ranking="adaptive", distill=0.5),
     "grad-adaptive-kd": dict(criterion="grad", ranking="adaptive", distill=0.5, normalize=None),
     "lora-adaptive-kd": dict(criterion="lora", ranking="adaptive", distill=0.5, normalize=None),
