@@ -88,22 +88,26 @@ class LoRAPruneCallback(TrainerCallback):
         small = callback.finalize()          # compacted, LoRA merged
         loraprune.save_pruned(small, "out")
 
-    ``prune_start`` / ``prune_end`` / ``prune_every`` build the cubic schedule
-    from ``max_steps`` when training starts (unless the pruner already has a
-    schedule). Steps with NaN/inf gradients are skipped with a warning;
+    ``prune_start`` / ``prune_end`` / ``prune_every`` (default: the pruner's
+    :class:`~loraprune.config.PruneConfig`) build the cubic schedule from
+    ``max_steps`` when training starts (unless the pruner already has a schedule). Steps with NaN/inf gradients are skipped with a warning;
     ``max_bad_steps`` of them in a row raise :class:`NonFiniteLossError`.
     Trainer checkpoints get the pruning state (masks, EMA scores) in
     ``checkpoint-N/loraprune_state``; ``trainer.train(resume_from_checkpoint=...)``
     restores it together with Trainer's own weights, optimiser and RNG.
     """
 
-    def __init__(self, pruner: LoRAPruner, prune_start: float | int = 0.0, prune_end: float | int = 0.75,
-                 prune_every: int | None = None, max_bad_steps: int = 5, sync_masks: bool = True):
+    def __init__(self, pruner: LoRAPruner, prune_start: float | int | None = None, prune_end: float | int | None = None,
+                 prune_every: int | None = None, max_bad_steps: int | None = None, sync_masks: bool = True):
         if not isinstance(pruner, LoRAPruner):
             raise TypeError(f"LoRAPruneCallback needs a loraprune.LoRAPruner, got {type(pruner).__name__}")
         self.pruner = pruner
-        self.prune_start, self.prune_end, self.prune_every = prune_start, prune_end, prune_every
-        self.max_bad_steps = max_bad_steps
+        # the schedule options default to the pruner's PruneConfig (one home for the options)
+        cfg = pruner.config.replace(**{k: v for k, v in dict(prune_start=prune_start, prune_end=prune_end,
+                                                               prune_every=prune_every,
+                                                               max_bad_steps=max_bad_steps).items() if v is not None})
+        self.prune_start, self.prune_end, self.prune_every = cfg.prune_start, cfg.prune_end, cfg.prune_every
+        self.max_bad_steps = cfg.max_bad_steps
         self.sync_masks = sync_masks
         self.bad_in_row = 0
         self.skipped_steps = 0

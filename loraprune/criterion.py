@@ -259,9 +259,13 @@ class MaskGradientImportance(Importance):
             x = args[0]
             if not (torch.is_grad_enabled() and x.requires_grad):
                 return  # the teacher's or an evaluation forward
+            # The hook lives on x; it must not hold x itself (x -> hook -> x is a reference
+            # cycle that keeps each step's whole autograd graph alive until the cyclic GC
+            # runs: +8 GB on SmolLM2). The detached view shares the storage, not the graph.
+            h = x.detach()
 
             def on_grad(g):
-                per_seq = (x.detach().float() * g.float()).reshape(-1, *x.shape[-2:]).sum(1)  # (B, D)
+                per_seq = (h.float() * g.float()).reshape(-1, *h.shape[-2:]).sum(1)  # (B, D)
                 if n_groups is not None:
                     per_seq = per_seq.view(per_seq.shape[0], n_groups, -1).sum(-1)  # (B, KV groups)
                 part = per_seq.square().sum(0) if self.reduce == "fisher" else per_seq.sum(0)

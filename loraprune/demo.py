@@ -20,6 +20,7 @@ from .data import load_texts
 from .eval import perplexity, tokens_per_second
 from .groups import layer_projection_params
 from .io import save_pruned
+from .cli_prune import add_config_options, config_from_args
 from .prune import prune
 
 
@@ -27,9 +28,9 @@ def _measure(model, tokenizer, heldout, args) -> dict:
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "projection_params": sum(layer_projection_params(model)),
-        "heldout_ppl": perplexity(model, heldout, tokenizer=tokenizer, window=args.window,
+        "heldout_ppl": perplexity(model, heldout, tokenizer=tokenizer, window=args.seq_len,
                                   max_windows=args.eval_windows, progress=True),
-        "prefill_tok_s": tokens_per_second(model, batch_size=4, seq_len=args.window, mode="prefill", repeats=5),
+        "prefill_tok_s": tokens_per_second(model, batch_size=4, seq_len=args.seq_len, mode="prefill", repeats=5),
         "decode_tok_s": tokens_per_second(model, batch_size=1, mode="decode", new_tokens=32, repeats=3),
     }
 
@@ -62,17 +63,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", nargs="+", help="training text: .txt/.jsonl files or folders (default: Shakespeare train split)")
     ap.add_argument("--eval-data", nargs="+", help="held-out text (default: Shakespeare held-out split)")
     ap.add_argument("--data-dir", help="the shared data folder (default: ../shared/data or $LORAPRUNE_DATA)")
-    ap.add_argument("--ratio", type=float, default=0.5, help="fraction of decoder-projection parameters to remove")
-    ap.add_argument("--criterion", default="lora", choices=["lora", "grad", "magnitude", "random"])
-    ap.add_argument("--steps", type=int, default=200, help="LoRA optimiser steps (pruning + recovery)")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--window", type=int, default=128, help="sequence length for training and evaluation")
+    add_config_options(ap)  # every PruneConfig option (--ratio, --criterion, --steps, --seq-len, ...)
+    ap.set_defaults(lr=1e-3, batch_size=8)  # the demo's small model trains faster than the library default
     ap.add_argument("--eval-windows", type=int, default=200, help="held-out windows evaluated")
     ap.add_argument("--output", default="out/demo", help="where the pruned model is saved")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     t0 = time.time()
+    config = config_from_args(args)  # checked before any work
     torch.manual_seed(args.seed)
 
     if args.model:
@@ -95,11 +92,7 @@ def main(argv=None) -> dict:
           f"{model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads, "
           f"{getattr(model.config, 'num_key_value_heads', None)} KV heads, intermediate {model.config.intermediate_size}")
     before = _measure(model, tokenizer, heldout, args)
-    pruned = prune(
-        copy.deepcopy(model) if args.model is None else model, train_src, ratio=args.ratio, tokenizer=tokenizer,
-        steps=args.steps, lr=args.lr, criterion=args.criterion, seq_len=args.window, batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    pruned = prune(copy.deepcopy(model) if args.model is None else model, train_src, config, tokenizer=tokenizer)
     after = _measure(pruned, tokenizer, heldout, args)
     rep = pruned.config.loraprune
     out = Path(args.output)

@@ -200,3 +200,24 @@ def test_grad_accum_equals_one_big_batch_for_the_lora_gradients():
 def test_distillation_run_prunes_and_records_the_setting():
     out = loraprune.prune(tiny_model(), random_batches(n=3), ratio=0.5, steps=3, distill=0.5, progress=False)
     assert out.config.loraprune["settings"]["distill"] == 0.5
+
+
+def test_mask_gradient_hooks_free_each_step_without_the_cyclic_gc():
+    """The hook must not keep its activation (and with it the step's autograd graph) alive."""
+    import gc
+    import weakref
+
+    pruner = _pruner("fisher")
+    seen = []
+    mod = pruner.modules[0][pruner.spec.o]
+    handle = mod.register_forward_pre_hook(lambda m, args: seen.append(weakref.ref(args[0])))
+    batch = random_batches(n=1)[0]
+    gc.disable()
+    try:
+        loss = pruner.model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        del loss
+        assert seen and seen[0]() is None, "the o_proj input outlived its backward pass"
+    finally:
+        gc.enable()
+        handle.remove()
