@@ -50,7 +50,7 @@ class PruneConfig:
     lora_r: int = _opt(8, "LoRA rank (ignored for layers that already carry a PEFT adapter: it is continued)")
     lora_alpha: float = _opt(16.0, "LoRA alpha: the update is scaled by alpha/r")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
-    criterion: str = _opt("lora", "importance criterion: lora (paper Eq. 10, from LoRA gradients only), grad "
+    criterion: str = _opt("fisher", "importance criterion: lora (paper Eq. 10, from LoRA gradients only), grad "
                                   "(full-gradient Taylor, needs the weight gradient: the memory baseline), fisher "
                                   "(per-sequence squared mask gradient of each whole group, from activations), taylor "
                                   "(its absolute batch sum), magnitude, random", choices=CRITERION_NAMES)
@@ -68,15 +68,16 @@ class PruneConfig:
     prune_every: int | None = _opt(None, "steps between mask updates (default: a twentieth of the pruning span, "
                                          "so that each update removes a few percent)")
     skip_layers: object = _opt(None, "layers that keep everything: indices, or 'paper' (first 10%% and the last layer)")
-    ranking: str = _opt("layer", "'layer': every layer removes the same share (uniform model); 'global': rank KV "
+    ranking: str = _opt("adaptive", "'layer': every layer removes the same share (uniform model); 'global': rank KV "
                                  "groups and channels across layers; 'adaptive': one ranking of all groups by score "
                                  "per parameter across layers and between attention and MLP (per-layer model)", choices=RANKINGS)
     round_to: int = _opt(1, "keep a multiple of this many MLP channels per layer (8/64/128 for tensor cores)")
-    uniform: bool = _opt(False, "insist on the same widths in every layer")
+    uniform: bool = _opt(False, "the same widths in every layer (a stock config that plain from_pretrained reloads); "
+                                "implies ranking='layer'")
     seq_len: int = _opt(128, "tokens per training window cut from text data")
     batch_size: int = _opt(4, "windows per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimiser step (and per score observation)")
-    distill: float = _opt(0.0, "weight of self-distillation: the loss is (1-distill)*LM + distill*KL(dense || pruned), "
+    distill: float = _opt(0.5, "weight of self-distillation: the loss is (1-distill)*LM + distill*KL(dense || pruned), "
                                "the dense teacher being the same frozen weights with LoRA and masks off")
     distill_temperature: float = _opt(1.0, "softmax temperature of the distillation loss")
     weight_decay: float = _opt(0.0, "AdamW weight decay of the LoRA factors")
@@ -92,6 +93,8 @@ class PruneConfig:
                                      "tokenizer", cli=False)
 
     def __post_init__(self):
+        if self.uniform is True and self.ranking == "adaptive":
+            self.ranking = "layer"  # uniform widths are what layer-wise ranking gives
         self.validate()
 
     # ---- validation -----------------------------------------------------------

@@ -31,7 +31,7 @@ def _randomise_lora(pruner, seed=0):
 def _pruned_unmerged(arch, uniform, model=None):
     """Masked logits and the ``finalize(merge=False)`` model, masks from random scores."""
     model = model if model is not None else tiny_model(arch, seed=2)
-    pruner = LoRAPruner(model, ratio=0.3, lora_dropout=0.0, skip_layers=None if uniform else [0])
+    pruner = LoRAPruner(model, ratio=0.3, lora_dropout=0.0, ranking="layer", skip_layers=None if uniform else [0])
     _randomise_lora(pruner)
     g = torch.Generator().manual_seed(1)
     pruner.state.observe([torch.rand(lg.n_kv, generator=g) for lg in pruner.layers],

@@ -92,7 +92,8 @@ def test_round_to_reports_its_cost_on_the_parameter_target():
     def run(round_to):
         model = tiny_model(hidden_size=32, intermediate_size=200, num_hidden_layers=2)
         before = sum(layer_projection_params(model))
-        pruned = loraprune.prune(model, random_batches(n=2), ratio=0.5, steps=2, round_to=round_to, progress=False)
+        pruned = loraprune.prune(model, random_batches(n=2), ratio=0.5, steps=2, round_to=round_to, ranking="layer",
+                                 progress=False)
         rep = pruned.config.loraprune
         assert rep["achieved_ratio"] == pytest.approx(1 - sum(layer_projection_params(pruned)) / before)
         assert rep["target_ratio"] == 0.5

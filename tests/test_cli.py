@@ -49,8 +49,8 @@ def test_help_explains_options_with_defaults(capsys):
         main(["prune", "--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for option, default in [("--ratio", "0.5"), ("--steps", "200"), ("--criterion", "lora"),
-                            ("--lr-schedule", "constant"), ("--seq-len", "128")]:
+    for option, default in [("--ratio", "0.5"), ("--steps", "200"), ("--criterion", "fisher"),
+                            ("--lr-schedule", "linear"), ("--seq-len", "128"), ("--ranking", "adaptive")]:
         assert option in text and f"(default: {default})" in text
     assert "--resume" in text and "--overwrite" in text and "--uniform" in text
     with pytest.raises(SystemExit):

@@ -31,7 +31,7 @@ def gguf_path(tmp_path_factory):
 
 def _prune(model):
     batches = random_batches(vocab=VOCAB, n=2, batch=2, seq=12, seed=1)
-    return loraprune.prune(model, batches, ratio=0.5, steps=2, seq_len=12, progress=False)
+    return loraprune.prune(model, batches, ratio=0.5, steps=2, seq_len=12, uniform=True, progress=False)
 
 
 def test_load_gguf_gives_the_source_model_and_its_tokenizer(gguf_path):

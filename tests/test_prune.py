@@ -16,7 +16,7 @@ def test_end_to_end_smaller_model_and_report():
     model = tiny_model(hidden_size=64, intermediate_size=160, num_attention_heads=8, num_key_value_heads=4)
     before = sum(layer_projection_params(model))
     x = random_batches(n=1)[0]["input_ids"]
-    pruned = loraprune.prune(model, random_batches(n=6, seq=16), ratio=0.5, steps=12, progress=False)
+    pruned = loraprune.prune(model, random_batches(n=6, seq=16), ratio=0.5, steps=12, ranking="layer", progress=False)
     after = sum(layer_projection_params(pruned))
     rep = pruned.config.loraprune
     assert abs(1 - after / before - 0.5) <= 0.01
