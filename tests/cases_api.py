@@ -41,7 +41,7 @@ def _callback_with(obj):
 
 CASES = [
     Case("api-ratio-unreachable", _prune(ratio=0.99), r"cannot be reached.*at most 0\.\d+"),
-    Case("api-round-to-wider-than-mlp", _prune(round_to=1024), r"round_to=1024 is larger than the MLP width"),
+    Case("api-round-to-wider-than-mlp", _prune(round_to=1024, ranking="layer"), r"round_to=1024 is larger than the MLP width"),
     Case("api-lora-rank-above-layer", _prune(lora_r=64), r"lora_r=64 is larger than the smallest projection"),
     Case("api-meta-device-model", _prune(model=_meta_tiny), r"meta device.*load its weights"),
     Case("api-labels-all-ignored", _prune(data=_no_signal()), r"no token (is )?trained on|no token to train on"),

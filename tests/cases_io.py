@@ -259,7 +259,7 @@ CASES += [
     Case("cli-ratio-zero", _prune("--ratio", "0"), r"ratio must be > 0, got 0\.0 \(--ratio\)"),
     Case("cli-ratio-above-one", _prune("--ratio", "1.5"), r"ratio must be < 1, got 1\.5 \(--ratio\)"),
     Case("cli-ratio-not-a-number", _prune("--ratio", "half"), r"argument --ratio: invalid float value: 'half'"),
-    Case("cli-criterion-unknown", _prune("--criterion", "taylor"), r"argument --criterion: invalid choice: 'taylor'"),
+    Case("cli-criterion-unknown", _prune("--criterion", "taylr"), r"argument --criterion: invalid choice: 'taylr'"),
     Case("cli-skip-layers-garbage", _prune("--skip-layers", "first"), r"pass 'paper', 'none' or comma-separated"),
     Case("cli-prune-end-garbage", _prune("--prune-end", "late"), r"a step number \(150\) or a fraction"),
     Case("cli-uniform-with-skip-layers", _prune("--uniform", "--skip-layers", "0"), r"uniform=True needs every layer"),
