@@ -75,6 +75,7 @@ class LoRAPruner:
         self.importance: Importance = make_importance(cfg)
         # ---- attach (changes the model; undone by restore()) ----
         self._saved_requires_grad = {id(p): p.requires_grad for p in self.model.parameters()}
+        self._given_config = self.model.config  # finalize() gives the pruned model a copy
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
         self.modules = self._inject_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.seed)
         leftover = [n for n, m in self.model.named_modules() if is_peft_lora_layer(m)]
@@ -115,6 +116,7 @@ class LoRAPruner:
         for parent, name, module in reversed(self._replaced):
             setattr(parent, name, module)
         self._replaced = []
+        self.model.config = self._given_config
         for p in self.model.parameters():
             if id(p) in self._saved_requires_grad:
                 p.requires_grad_(self._saved_requires_grad[id(p)])
