@@ -76,6 +76,13 @@ class Importance:
     def clear(self, pruner) -> None:
         """Forget what this step left (a skipped, non-finite step)."""
 
+    def synchronize(self, pruner) -> None:
+        """Combine what every rank gathered (data parallel), so all score the global batch.
+
+        Gradient-based criteria need nothing: DDP/FSDP already average the gradients
+        they read. Criteria that gather statistics of their own override this.
+        """
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -273,6 +280,28 @@ class MaskGradientImportance(Importance):
 
             x.register_hook(on_grad)
         return pre_hook
+
+    def synchronize(self, pruner):
+        """Sum the per-rank statistics over the data-parallel ranks, scaled to what one
+        process would compute on the global batch: the ranks' losses are means over
+        their own tokens, a global loss divides by ``world`` more, so per-sequence mask
+        gradients scale by ``1/world`` (``1/world²`` once squared)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        if any(t is None for t in self._attn + self._mlp):
+            raise RuntimeError("a rank gathered no mask gradients this step; every rank must run backward "
+                               "through every layer before scoring")
+        world = dist.get_world_size()
+        sizes = [t.numel() for t in self._attn + self._mlp]
+        flat = torch.cat([t.flatten() for t in self._attn + self._mlp])
+        dist.all_reduce(flat)
+        flat /= world ** 2 if self.reduce == "fisher" else world
+        parts = list(flat.split(sizes))
+        n = len(self._attn)
+        self._attn[:] = parts[:n]
+        self._mlp[:] = parts[n:]
 
     def scores(self, pruner):
         if any(t is None for t in self._attn + self._mlp):

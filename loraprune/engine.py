@@ -150,6 +150,8 @@ class LoRAPruner:
         """Fold this step's evidence into the EMA group scores (call after backward,
         after gradient clipping). Returns False if the scores were not finite (the
         step is then left out of the EMA, with a warning)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.importance.synchronize(self)  # every rank scores the global batch
         scores = self.importance.scores(self)
         if scores is None:
             return True

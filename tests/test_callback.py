@@ -38,7 +38,7 @@ def trainer_args(out, **kw):
 
 def new_pruner(**kw):
     schedule = CubicSchedule.for_run(STEPS, 0, 4, 1)
-    return LoRAPruner(tiny_model(seed=3), ratio=0.5, schedule=schedule, lora_dropout=0.0, **kw)
+    return LoRAPruner(tiny_model(seed=3), ratio=0.5, schedule=schedule, lora_dropout=0.0, ranking="layer", **kw)
 
 
 def run_trainer(out, data, resume=None, **kw):
@@ -124,7 +124,7 @@ def test_optimizer_over_frozen_weights_is_refused(tmp_path):
 def test_schedule_from_max_steps_and_type_check(tmp_path):
     with pytest.raises(TypeError, match="LoRAPruner"):
         LoRAPruneCallback(tiny_model())
-    pruner = LoRAPruner(tiny_model(), ratio=0.5, lora_dropout=0.0)
+    pruner = LoRAPruner(tiny_model(), ratio=0.5, lora_dropout=0.0, ranking="layer")
     cb = LoRAPruneCallback(pruner, prune_start=0, prune_end=0.5)
     trainer = Trainer(model=pruner.model, args=trainer_args(tmp_path, max_steps=4), train_dataset=rows(8),
                       callbacks=[cb], optimizers=(cb.optimizer(lr=LR), None))
