@@ -75,15 +75,16 @@ def test_the_pruned_model_gets_its_own_config():
     cfg = tiny_config()
     before = cfg.to_dict()
     model = transformers.LlamaForCausalLM(cfg)
-    out = loraprune.prune(model, random_batches(n=2), ratio=0.5, steps=2, progress=False)
+    out = loraprune.prune(model, random_batches(n=2), ratio=0.5, steps=2, ranking="layer", progress=False)
     assert cfg.to_dict() == before and not hasattr(cfg, "loraprune")
     assert out.config.intermediate_size < before["intermediate_size"]
 
 
 def test_pruning_an_already_pruned_model_counts_against_the_model_given():
-    once = loraprune.prune(tiny_model(), random_batches(n=2), ratio=0.5, steps=2, progress=False)
+    kw = dict(ratio=0.5, steps=2, ranking="layer", progress=False)  # uniform: the stock config fields shrink
+    once = loraprune.prune(tiny_model(), random_batches(n=2), **kw)
     widths = (once.config.num_key_value_heads, once.config.intermediate_size)
-    twice = loraprune.prune(once, random_batches(n=2), ratio=0.5, steps=2, progress=False)
+    twice = loraprune.prune(once, random_batches(n=2), **kw)
     rep = twice.config.loraprune
     assert rep["achieved_ratio"] == pytest.approx(0.5, abs=0.01)
     assert twice.config.intermediate_size < widths[1]
@@ -93,7 +94,8 @@ def test_callback_finalize_saves_the_masks_it_cut_when_training_stops_early():
     from loraprune.callback import LoRAPruneCallback
     from loraprune.schedule import CubicSchedule
 
-    pruner = loraprune.LoRAPruner(tiny_model(), ratio=0.5, schedule=CubicSchedule(0, 10, 1), lora_dropout=0.0)
+    pruner = loraprune.LoRAPruner(tiny_model(), ratio=0.5, schedule=CubicSchedule(0, 10, 1), lora_dropout=0.0,
+                                  ranking="layer")
     callback = LoRAPruneCallback(pruner)
     model = callback.finalize()  # stopped at step 0: nothing masked yet, finalize jumps to the target
     masks = model.loraprune_masks
