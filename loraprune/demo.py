@@ -105,7 +105,8 @@ def main(argv=None) -> dict:
           f"{rep['layers'][0]['num_attention_heads']} heads / {rep['layers'][0]['num_key_value_heads']} KV heads / "
           f"{rep['layers'][0]['intermediate_size']} channels" + ("" if rep["uniform"] else " (layer 0; non-uniform)"))
     print(_table(before, after))
-    print(f"\nsaved to {out} (reload: loraprune.load_pruned('{out}') or AutoModelForCausalLM.from_pretrained)"
+    stock = "AutoModelForCausalLM.from_pretrained" + ("" if rep["uniform"] else " with trust_remote_code=True")
+    print(f"\nsaved to {out} (reload: loraprune.load_pruned('{out}') or {stock})"
           f" | total {time.time() - t0:.0f}s")
     return {"before": before, "after": after, "report": rep}
 
