@@ -1,4 +1,4 @@
-"""The main job: prune a small LLaMA by 50% with the LoRA criterion, offline.
+"""The main job: prune a small LLaMA by 50% with the default method, offline.
 
 ``python -m loraprune.demo`` trains (or reuses the cached) reference LLaMA
 with GQA on the Shakespeare training split, prunes ``--ratio`` of its
