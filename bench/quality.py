@@ -181,9 +181,8 @@ def run(setup: BenchSetup, settings: dict, resume: bool = True, log=_log) -> dic
             runs.append(entry)
             if pruner is not None and seed == settings["seeds"][0]:
                 details[key] = _details(pruner)
-            log(f"quality: {key:>24}  achieved {entry['achieved_ratio']:.3f}  "
-                f"shakespeare x{entry['ratio_to_dense']['shakespeare']['w128']:.3f}  "
-                f"wikitext2 x{entry['ratio_to_dense']['wikitext2']['w128']:.3f}  ({prune_s:.0f}s)")
+            shown = "  ".join(f"{name} x{r['w128']:.3f}" for name, r in entry["ratio_to_dense"].items() if "w128" in r)
+            log(f"quality: {key:>24}  achieved {entry['achieved_ratio']:.3f}  {shown}  ({prune_s:.0f}s)")
             save(partial=True)
             del model, pruned
     save(partial=False)

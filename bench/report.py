@@ -62,7 +62,7 @@ def quality_tables(q: dict) -> str:
             for r in ratios:
                 c = cells.get(f"{r:g}")
                 for x in SET_NAMES:
-                    row.append(_pm(c[x][w]) if c else "—")
+                    row.append(_pm(c[x][w]) if c and x in c else "—")  # a set the run had no text for
                 if c:
                     reached.append(f"{c['achieved_ratio']['mean']:.3f}")
             lines.append("| " + " | ".join(row) + " | " + " / ".join(reached) + " |")
