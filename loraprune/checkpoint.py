@@ -315,6 +315,9 @@ class Checkpointer:
             raise CheckpointError(f"{path} has no LoRA factors of this shape ({missing[0]}); resume with the same "
                                   "model and lora_r, or use a new output directory")
         _load_state(path, meta, tensors, pruner)
+        # the masks first: under progressive compaction they decide the physical order
+        # of the rows, which is the order the LoRA factors and optimiser state were saved in
+        pruner.apply_masks()
         with torch.no_grad():
             for i, mods in enumerate(pruner.modules):
                 for name, m in mods.items():
@@ -331,5 +334,4 @@ class Checkpointer:
             states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
             if states:
                 torch.cuda.set_rng_state_all(states)
-        pruner.apply_masks()
         return int(meta["step"])

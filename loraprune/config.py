@@ -74,6 +74,10 @@ class PruneConfig:
     round_to: int = _opt(1, "keep a multiple of this many MLP channels per layer (8/64/128 for tensor cores)")
     uniform: bool = _opt(False, "the same widths in every layer (a stock config that plain from_pretrained reloads); "
                                 "implies ranking='layer'")
+    progressive: bool = _opt(True, "cut removed groups out of the computation at every mask update (kept groups "
+                                   "reordered in place into a dense prefix: smaller GEMMs and fewer heads for the rest "
+                                   "of the run, the same result as masked training); False computes them as zeros until "
+                                   "the end. Takes effect in prune(); the Trainer callback trains masked")
     seq_len: int = _opt(128, "tokens per training window cut from text data")
     batch_size: int = _opt(4, "windows per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimiser step (and per score observation)")
@@ -142,7 +146,7 @@ class PruneConfig:
         num("max_bad_steps", 1, integer=True)
         num("seed", 0, integer=True)
         num("checkpoint_every", 1, integer=True, allow_none=True)
-        for name in ("square", "uniform", "merge", "progress", "resume", "force_resume"):
+        for name in ("square", "uniform", "progressive", "merge", "progress", "resume", "force_resume"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.resume and not self.checkpoint_dir:

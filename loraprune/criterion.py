@@ -253,7 +253,8 @@ class MaskGradientImportance(Importance):
         n = len(pruner.layers)
         self._attn, self._mlp = [None] * n, [None] * n
         for i, (lg, mods) in enumerate(zip(pruner.layers, pruner.modules)):
-            self._handles.append(mods[s.o].register_forward_pre_hook(self._hook(self._attn, i, lg.n_kv)))
+            width = lg.q_per_kv * lg.head_dim  # o_proj input columns per KV group
+            self._handles.append(mods[s.o].register_forward_pre_hook(self._hook(self._attn, i, width)))
             self._handles.append(mods[s.down].register_forward_pre_hook(self._hook(self._mlp, i, None)))
 
     def detach(self, pruner):
@@ -261,7 +262,7 @@ class MaskGradientImportance(Importance):
             h.remove()
         self._handles = []
 
-    def _hook(self, store: list, i: int, n_groups: int | None):
+    def _hook(self, store: list, i: int, width: int | None):
         def pre_hook(module, args):
             x = args[0]
             if not (torch.is_grad_enabled() and x.requires_grad):
@@ -273,8 +274,8 @@ class MaskGradientImportance(Importance):
 
             def on_grad(g):
                 per_seq = (h.float() * g.float()).reshape(-1, *h.shape[-2:]).sum(1)  # (B, D)
-                if n_groups is not None:
-                    per_seq = per_seq.view(per_seq.shape[0], n_groups, -1).sum(-1)  # (B, KV groups)
+                if width is not None:  # by width, not count: progressive compaction narrows the input
+                    per_seq = per_seq.view(per_seq.shape[0], -1, width).sum(-1)  # (B, KV groups)
                 part = per_seq.square().sum(0) if self.reduce == "fisher" else per_seq.sum(0)
                 store[i] = part if store[i] is None else store[i] + part
 

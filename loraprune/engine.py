@@ -5,7 +5,9 @@ smaller dense model", with no training loop of its own, so that
 :func:`loraprune.prune` and the ``transformers.Trainer`` callback drive the
 same object:
 
-1. ``pruner.lora_parameters()`` go to the optimiser;
+1. ``pruner.lora_parameters()`` go to the optimiser, and ``pruner.bind_optimizer(opt)``
+   lets the pruner cut groups out progressively (:mod:`loraprune.progressive`: the
+   optimiser state follows the cut); without it, training stays masked;
 2. after ``loss.backward()``: ``pruner.score()`` (uses the gradients);
 3. after ``optimizer.step()``: ``pruner.step_end(step)`` (masks on schedule);
 4. at the end: ``pruner.finalize()`` cuts, merges and returns the model.
@@ -28,6 +30,8 @@ from .errors import ConfigError, LoRAPruneError
 from .groups import build_layer_groups, layer_projection_params, removed_params
 from .report import PruneReport
 from .lora import LoRALinear, is_peft_lora_layer, unwrap_peft, wrap_linear
+from .masks import Masks
+from .progressive import reorder_layer, to_original, unpermute_module
 from .schedule import CubicSchedule
 from .state import PruningState
 
@@ -73,6 +77,10 @@ class LoRAPruner:
         self.settings = {k: v for k, v in cfg.to_dict().items() if k in RUN_DEFINING}
         self.settings["skip_layers"] = sorted(skip)
         self.importance: Importance = make_importance(cfg)
+        self._optimizer = None  # bind_optimizer(): progressive compaction needs it
+        # physical order of each layer's groups (original indices); identity until cut progressively
+        self.attn_order = [torch.arange(lg.n_kv) for lg in self.layers]
+        self.mlp_order = [torch.arange(lg.n_channels) for lg in self.layers]
         # ---- attach (changes the model; undone by restore()) ----
         self._saved_requires_grad = {id(p): p.requires_grad for p in self.model.parameters()}
         self._given_config = self.model.config  # finalize() gives the pruned model a copy
@@ -111,8 +119,11 @@ class LoRAPruner:
 
     def restore(self) -> None:
         """Put the model back as it was given: original projection modules (LoRA and
-        masks gone), ``requires_grad`` flags. Used when a run fails or is abandoned."""
+        masks gone, rows and columns in their original order), ``requires_grad`` flags.
+        Used when a run fails or is abandoned."""
         self.importance.detach(self)
+        for m in self.lora_modules():
+            unpermute_module(m, self._optimizer)
         for parent, name, module in reversed(self._replaced):
             setattr(parent, name, module)
         self._replaced = []
@@ -127,6 +138,24 @@ class LoRAPruner:
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.lora_modules() for p in (m.lora_A, m.lora_B)]
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimiser of the LoRA factors, whose state (Adam moments) is permuted along
+        when groups are cut out progressively. Progressive compaction (``config.progressive``)
+        takes effect only once bound: :func:`loraprune.prune` binds its optimiser; the
+        Trainer callback and loops that do not bind one train masked."""
+        if self.state.masks.kept_kv() != [lg.n_kv for lg in self.layers] or \
+                self.state.masks.kept_channels() != [lg.n_channels for lg in self.layers]:
+            if self.progressive != (self.config.progressive and optimizer is not None):
+                raise LoRAPruneError("bind the optimizer before the first mask update: masks already applied one way "
+                                     "cannot switch between masked and progressive training")
+        self._optimizer = optimizer
+
+    @property
+    def progressive(self) -> bool:
+        """True when removed groups are cut out of the computation at each update
+        (:mod:`loraprune.progressive`) rather than computed as zeros."""
+        return bool(self.config.progressive) and self._optimizer is not None
 
     @contextlib.contextmanager
     def dense_teacher(self):
@@ -155,7 +184,9 @@ class LoRAPruner:
         scores = self.importance.scores(self)
         if scores is None:
             return True
-        attn, mlp = scores
+        # criteria score the physical layout: put each group's score at its original index
+        attn = [to_original(t, order) for t, order in zip(scores[0], self.attn_order)]
+        mlp = [to_original(t, order) for t, order in zip(scores[1], self.mlp_order)]
         finite = all(bool(torch.isfinite(t).all()) for t in attn + mlp)
         if not finite:
             warnings.warn("non-finite importance scores this step; left out of the EMA", RuntimeWarning, stacklevel=2)
@@ -174,9 +205,18 @@ class LoRAPruner:
 
     # ---- masks ------------------------------------------------------------------
     def apply_masks(self) -> None:
-        """Make the forward pass compute only kept q/k/v/gate/up rows."""
+        """Make the student compute only the kept groups: progressively (the kept groups
+        reordered into a dense prefix that every projection computes alone) or masked
+        (q/k/v/gate/up compute kept rows, o/down read zeros)."""
         s = self.spec
-        for lg, mods, a_keep, m_keep in zip(self.layers, self.modules, self.state.masks.attn_keep, self.state.masks.mlp_keep):
+        masks = self.state.masks
+        if self.progressive:
+            for i, (lg, mods) in enumerate(zip(self.layers, self.modules)):
+                self.attn_order[i], self.mlp_order[i] = reorder_layer(
+                    mods, s, lg, self.attn_order[i], masks.attn_keep[i], self.mlp_order[i], masks.mlp_keep[i],
+                    self._optimizer)
+            return
+        for lg, mods, a_keep, m_keep in zip(self.layers, self.modules, masks.attn_keep, masks.mlp_keep):
             kept = lg.kept_slices(s, a_keep, m_keep)
             for name in (s.q, s.k, s.v, s.gate, s.up):  # row-owning projections; o/down read zeros
                 mods[name].set_keep(kept[name][0])
@@ -217,7 +257,12 @@ class LoRAPruner:
         # the pruned model gets its own config: the user's config object (shared
         # with other models built from it) must not shrink with this one
         self.model.config = copy.deepcopy(self.model.config)
-        model = compact(self.model, self.state.masks, self.spec, merge=merge)
+        masks = self.state.masks
+        if self.progressive:  # the kept groups already form each layer's prefix, in original order
+            masks = Masks([torch.arange(lg.n_kv) < int(a.sum()) for lg, a in zip(self.layers, masks.attn_keep)],
+                          [torch.arange(lg.n_channels) < int(m.sum()) for lg, m in zip(self.layers, masks.mlp_keep)])
+        model = compact(self.model, masks, self.spec, merge=merge)
+        model.loraprune_masks = self.state.masks.clone()  # kept indices of the original model
         self._replaced = []
         report.attach(model.config)
         return model

@@ -51,7 +51,13 @@ class LoRALinear(nn.Module):
         self.r = r
         self.scaling = float(alpha) / r if scaling is None else float(scaling)
         self.dropout = float(dropout)
-        self.keep: torch.Tensor | None = None  # kept output channels, None = all
+        self.keep: torch.Tensor | None = None  # kept output channels, None = all (masked training)
+        # progressive compaction (loraprune.progressive): the student computes only the first
+        # live_out rows / live_in columns (None = all); *_order record the in-place permutation
+        self.live_out: int | None = None
+        self.live_in: int | None = None
+        self.out_order: torch.Tensor | None = None
+        self.in_order: torch.Tensor | None = None
         self.weight_grad = False  # True only for the "grad" baseline criterion
         self.bypass = False  # True: compute the frozen dense layer alone (the distillation teacher)
 
@@ -89,14 +95,17 @@ class LoRALinear(nn.Module):
         if self.bypass:
             return F.linear(x, self.base.weight, self.base.bias)
         p = self.dropout if self.training else 0.0
+        W, bias, A, B = self.base.weight, self.base.bias, self.lora_A, self.lora_B
+        if self.live_out is not None:  # the kept prefix: views, no copy
+            W, B = W[: self.live_out], B[: self.live_out]
+            bias = None if bias is None else bias[: self.live_out]
+        if self.live_in is not None:
+            W, A = W[:, : self.live_in], A[:, : self.live_in]
         if not self.weight_grad:
-            return kernels.lora_linear(
-                x, self.base.weight, self.lora_A, self.lora_B, self.scaling,
-                bias=self.base.bias, keep=self.keep, dropout=p,
-            )
-        y = F.linear(x, self.base.weight, self.base.bias)
+            return kernels.lora_linear(x, W, A, B, self.scaling, bias=bias, keep=self.keep, dropout=p)
+        y = F.linear(x, W, bias)
         lora_in = F.dropout(x, p) if p else x
-        y = y + self.scaling * F.linear(F.linear(lora_in.to(self.lora_A.dtype), self.lora_A), self.lora_B).to(y.dtype)
+        y = y + self.scaling * F.linear(F.linear(lora_in.to(A.dtype), A), B).to(y.dtype)
         if self.keep is not None:
             mask = torch.zeros(self.out_features, dtype=y.dtype, device=y.device)
             mask[self.keep] = 1
@@ -105,7 +114,11 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         kept = self.out_features if self.keep is None else self.keep.numel()
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}, kept_out={kept}"
+        if self.live_out is not None:
+            kept = self.live_out
+        live_in = self.in_features if self.live_in is None else self.live_in
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}, "
+                f"kept_out={kept}, kept_in={live_in}")
 
 
 def _peft_lora_parts(module: nn.Module):

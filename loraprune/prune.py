@@ -176,6 +176,7 @@ def _run(pruner: LoRAPruner, batches, cfg: PruneConfig, schedule: CubicSchedule,
     device = next(hf_model.parameters()).device
     params = pruner.lora_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pruner.bind_optimizer(optimizer)  # progressive compaction permutes its state along
     every = cfg.checkpoint_every or max(1, cfg.steps // 10)
     ckpt = (Checkpointer(cfg.checkpoint_dir, every=every, run=None, fingerprint=fingerprint,
                          allow_mismatch=cfg.force_resume) if cfg.checkpoint_dir else None)
