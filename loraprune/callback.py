@@ -45,6 +45,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from .checkpoint import restore_pruning_state, save_pruning_state
+from .distributed import finalize_sharded, is_sharded, local
 from .engine import LoRAPruner
 from .prune import NonFiniteLossError
 from .schedule import CubicSchedule
@@ -52,6 +53,7 @@ from .schedule import CubicSchedule
 log = logging.getLogger("loraprune")
 
 STATE_DIR = "loraprune_state"  # inside each Trainer checkpoint-N folder
+_NOT_YET = object()  # finalize() not called yet (None is rank > 0's answer under FSDP2)
 
 
 def _distributed() -> bool:
@@ -112,7 +114,7 @@ class LoRAPruneCallback(TrainerCallback):
         self.bad_in_row = 0
         self.skipped_steps = 0
         self.mask_disagreements = 0
-        self._finalized = None
+        self._finalized = _NOT_YET
 
     # ---- helpers for users ----------------------------------------------------------
     def optimizer(self, lr: float = 2e-4, weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
@@ -121,12 +123,16 @@ class LoRAPruneCallback(TrainerCallback):
 
     def finalize(self):
         """Reach the target masks, cut the pruned groups, merge LoRA: the small model (call after ``train()``)."""
-        if self._finalized is None:
+        if self._finalized is _NOT_YET:
             from .io import attach_export
 
             # compact() attaches the kept indices of the masks it cut (the target
             # masks, reached by finalize() even if training stopped early)
-            self._finalized = attach_export(self.pruner.finalize())
+            if is_sharded(self.pruner.model):  # FSDP2: a collective; the model on rank 0, None elsewhere
+                small = finalize_sharded(self.pruner)
+            else:
+                small = self.pruner.finalize()
+            self._finalized = None if small is None else attach_export(small)
         return self._finalized
 
     # ---- Trainer events ---------------------------------------------------------------
@@ -149,9 +155,6 @@ class LoRAPruneCallback(TrainerCallback):
         if fsdp is not None and not getattr(fsdp, "_use_orig_params", True):
             raise ValueError("FSDP needs use_orig_params=True for LoRAPrune scoring "
                              "(accelerate: fsdp_use_orig_params: true)")
-        if any(type(p).__name__ == "DTensor" for p in self.pruner.lora_parameters()):
-            raise NotImplementedError("FSDP2 (fully_shard) is not supported by LoRAPruneCallback yet; use FSDP v1 "
-                                      "with use_orig_params=True, or DDP")
         if state.global_step > 0:
             self._restore(args, state)
 
@@ -190,7 +193,8 @@ class LoRAPruneCallback(TrainerCallback):
 
     @staticmethod
     def _grads_finite(params) -> bool:
-        flags = torch.tensor([all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)],
+        # under FSDP2 each rank checks its own shard; the all-reduce below decides for all
+        flags = torch.tensor([all(p.grad is None or bool(torch.isfinite(local(p.grad)).all()) for p in params)],
                              dtype=torch.uint8)
         if _distributed():  # one decision for all ranks (they must skip together)
             flags = _on_comm_device(flags)
