@@ -45,7 +45,9 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from .checkpoint import restore_pruning_state, save_pruning_state
-from .distributed import finalize_sharded, is_sharded, local
+from .criterion import ProjectionImportance
+from .distributed import finalize_sharded, is_sharded, local, uses_deepspeed
+from .errors import ConfigError
 from .engine import LoRAPruner
 from .prune import NonFiniteLossError
 from .schedule import CubicSchedule
@@ -115,6 +117,7 @@ class LoRAPruneCallback(TrainerCallback):
         self.skipped_steps = 0
         self.mask_disagreements = 0
         self._finalized = _NOT_YET
+        self._deepspeed = False
 
     # ---- helpers for users ----------------------------------------------------------
     def optimizer(self, lr: float = 2e-4, weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
@@ -128,7 +131,7 @@ class LoRAPruneCallback(TrainerCallback):
 
             # compact() attaches the kept indices of the masks it cut (the target
             # masks, reached by finalize() even if training stopped early)
-            if is_sharded(self.pruner.model):  # FSDP2: a collective; the model on rank 0, None elsewhere
+            if is_sharded(self.pruner.model):  # FSDP2, ZeRO-3: a collective; the model on rank 0, None elsewhere
                 small = finalize_sharded(self.pruner)
             else:
                 small = self.pruner.finalize()
@@ -143,7 +146,15 @@ class LoRAPruneCallback(TrainerCallback):
                                  "or give the pruner a CubicSchedule")
             self.pruner.schedule = CubicSchedule.for_run(state.max_steps, self.prune_start, self.prune_end,
                                                          self.prune_every)
-        if optimizer is not None:
+        self._deepspeed = uses_deepspeed(args, optimizer)
+        if self._deepspeed and isinstance(self.pruner.importance, ProjectionImportance):
+            raise ConfigError(
+                f"criterion={self.pruner.criterion!r} reads parameter gradients, which DeepSpeed reduces into its own "
+                "partitioned buffers and consumes inside backward (accelerate steps the engine there, before any "
+                "callback runs); use criterion='fisher' (the default) or 'taylor', which read activations, or train "
+                "with DDP / FSDP / FSDP2"
+            )
+        if optimizer is not None and not self._deepspeed:  # ZeRO's param_groups hold its own flat partitions
             lora = {id(p) for p in self.pruner.lora_parameters()}
             extra = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in lora]
             if extra:
@@ -159,12 +170,16 @@ class LoRAPruneCallback(TrainerCallback):
             self._restore(args, state)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self._deepspeed:
+            # the engine has stepped already; the activation statistics of the step are all there is
+            self._count_bad(self.pruner.score(), args, state)
+            return
         params = self.pruner.lora_parameters()
         fsdp = _find_fsdp(model)
         if fsdp is None and all(p.grad is None for p in params):
             raise RuntimeError(
-                "no LoRA gradients are visible at the optimizer step (DeepSpeed ZeRO keeps them in its own "
-                "partitioned buffers, so the groups cannot be scored); train with DDP or FSDP instead"
+                "no LoRA gradients are visible at the optimizer step, so the groups cannot be scored (a DeepSpeed "
+                "run that LoRAPruneCallback did not recognise? pass TrainingArguments(deepspeed=...))"
             )
         if fsdp is not None:
             with type(fsdp).summon_full_params(fsdp, with_grads=True, writeback=False, recurse=True):
@@ -175,16 +190,20 @@ class LoRAPruneCallback(TrainerCallback):
             finite = self._grads_finite(params)
             if finite:
                 self.pruner.score()
+        if not finite:
+            # AdamW skips parameters without a gradient: the update is skipped; the
+            # frozen weights' gradients (``grad`` criterion) must not leak either
+            self.pruner.discard_grads()
+            warnings.warn(f"step {state.global_step + 1}: non-finite gradients; update skipped", RuntimeWarning,
+                          stacklevel=2)
+        self._count_bad(finite, args, state)
+
+    def _count_bad(self, finite: bool, args, state) -> None:
         if finite:
             self.bad_in_row = 0
             return
         self.bad_in_row += 1
         self.skipped_steps += 1
-        # AdamW skips parameters without a gradient: the update is skipped; the
-        # frozen weights' gradients (``grad`` criterion) must not leak either
-        self.pruner.discard_grads()
-        warnings.warn(f"step {state.global_step + 1}: non-finite gradients; update skipped", RuntimeWarning,
-                      stacklevel=2)
         if self.bad_in_row >= self.max_bad_steps:
             raise NonFiniteLossError(
                 f"{self.bad_in_row} steps in a row had NaN/inf gradients; lower the learning rate (now "

@@ -71,9 +71,27 @@ def full(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+def is_zero3(t) -> bool:
+    """A parameter partitioned by DeepSpeed ZeRO-3 (its data is this rank's slice or empty)."""
+    return hasattr(t, "ds_id") and hasattr(t, "ds_status")
+
+
 def is_sharded(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is a DTensor (FSDP2 ``fully_shard``, or tensor parallelism)."""
-    return any(is_dtensor(p) for p in model.parameters())
+    """Whether parameters of ``model`` are partitioned across ranks: DTensors (FSDP2
+    ``fully_shard``, tensor parallelism) or DeepSpeed ZeRO-3 parameters."""
+    return any(is_dtensor(p) or is_zero3(p) for p in model.parameters())
+
+
+def uses_deepspeed(args=None, optimizer=None) -> bool:
+    """Whether a ``transformers.Trainer`` run trains under DeepSpeed (any ZeRO stage):
+    ``TrainingArguments(deepspeed=...)``, ``accelerate launch`` with a DeepSpeed config,
+    or a DeepSpeed optimizer (accelerate's wrapper, or DeepSpeed's own)."""
+    import os
+
+    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        return True
+    cls = type(optimizer)
+    return cls.__name__ == "DeepSpeedOptimizerWrapper" or cls.__module__.split(".")[0] == "deepspeed"
 
 
 # ------------------------------------------------------------------------ scoring
@@ -113,6 +131,11 @@ def projection_sums(module_sums: Callable[[object], Sums], module: LoRALinear) -
     """
     W, A, B = module.base.weight, module.lora_A, module.lora_B
     if not any(is_dtensor(t) for t in (W, A, B)):
+        if any(is_zero3(t) for t in (W, A, B)):
+            raise LoRAPruneError(
+                "the projection criteria (lora, grad, magnitude) cannot score DeepSpeed ZeRO-3 partitions; use "
+                "criterion='fisher' (the default) or 'taylor', which read activations, or FSDP2 / DDP"
+            )
         return module_sums(module)
     if not _row_sharded(W, B):  # another layout: gather this projection whole
         return module_sums(_Projection(module, full))
@@ -145,11 +168,20 @@ def _gather_to_rank0(model: nn.Module) -> dict[str, torch.Tensor] | None:
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, t in named:
         if id(t) not in seen:
-            whole = full(t).detach()
-            seen[id(t)] = whole.to("cpu", copy=True) if rank0 else whole.new_empty(0)
-            del whole
+            seen[id(t)] = _whole_on_cpu(t, rank0)
         out[name] = seen[id(t)]
     return out if rank0 else None
+
+
+def _whole_on_cpu(t: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """A CPU copy of the whole of ``t`` if ``keep`` (a collective for sharded ``t``)."""
+    if is_zero3(t):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+            return t.detach().to("cpu", copy=True) if keep else None
+    whole = full(t).detach()
+    return whole.to("cpu", copy=True) if keep else None
 
 
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, parameter: bool, requires_grad: bool) -> None:
@@ -204,7 +236,7 @@ def unsharded_pruner(pruner):
 
 
 def finalize_sharded(pruner, merge: bool = True) -> nn.Module | None:
-    """:meth:`LoRAPruner.finalize` for a model under FSDP2: the small dense model on
+    """:meth:`LoRAPruner.finalize` for a sharded model (FSDP2, ZeRO-3): the small dense model on
     rank 0 (CPU), ``None`` on the other ranks. A collective: call it on every rank."""
     twin = unsharded_pruner(pruner)
     return None if twin is None else twin.finalize(merge=merge)

@@ -92,3 +92,103 @@ def test_fsdp2_two_ranks_match_single_process(tmp_path, criterion, layout):
     assert {k[len("final."):] for k in r0 if k.startswith("final.")} == set(sd)
     for k, v in sd.items():
         torch.testing.assert_close(r0["final." + k], v, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ DeepSpeed ZeRO-2/3, 2 ranks
+DEEPSPEED_WORKER = textwrap.dedent(
+    """
+    import contextlib, os, sys, json
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    sys.path.insert(0, {tests!r})
+    import torch, torch.distributed as dist
+    import deepspeed
+    from safetensors.torch import save_file
+    import test_callback as T
+
+    out, stage = sys.argv[1], int(sys.argv[2])
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    pruner = T.new_pruner()  # criterion: fisher, the default
+    cb = T.LoRAPruneCallback(pruner)
+    config = {{"train_micro_batch_size_per_gpu": T.BATCH, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+               "zero_allow_untested_optimizer": True,
+               # threshold 0: every parameter, however small, is partitioned under ZeRO-3
+               "zero_optimization": {{"stage": stage, "stage3_param_persistence_threshold": 0}}}}
+    engine, opt, _, _ = deepspeed.initialize(model=pruner.model, optimizer=cb.optimizer(lr=T.LR), config=config)
+    if stage == 3:
+        assert pruner.modules[0]["q_proj"].base.weight.numel() == 0  # partitioned away
+    args = T.trainer_args(out)
+    state = type("State", (), {{"global_step": 0, "max_steps": T.STEPS}})()
+    cb.on_train_begin(args, state, None, model=pruner.model, optimizer=opt)
+    data = T.rows(T.STEPS * T.BATCH * 2)
+    # accelerate's order under DeepSpeed: backward and the engine's step, then Trainer's hooks
+    for step in range(1, T.STEPS + 1):
+        chunk = data[(step - 1) * 2 * T.BATCH + rank * T.BATCH:][: T.BATCH]
+        ids = torch.stack([r["input_ids"] for r in chunk])
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        cb.on_pre_optimizer_step(args, state, None, model=pruner.model, optimizer=opt)
+        state.global_step = step
+        cb.on_step_end(args, state, None)
+    gathered = deepspeed.zero.GatheredParameters(pruner.lora_parameters()) if stage == 3 else contextlib.nullcontext()
+    with gathered:
+        tensors = {{f"lora.{{i}}": p.detach().clone() for i, p in enumerate(pruner.lora_parameters())}}
+    tensors.update({{k: v.to(torch.uint8) if v.dtype == torch.bool else v for k, v in pruner.state.tensors().items()}})
+    small = cb.finalize()  # ZeRO-3: a collective, the model on rank 0 and None elsewhere; ZeRO-2: every rank
+    layers = None
+    if small is not None:
+        tensors.update({{"final." + k: v.detach().contiguous() for k, v in small.state_dict().items()}})
+        layers = small.config.loraprune["layers"]
+    save_file(tensors, os.path.join(out, f"rank{{rank}}.safetensors"))
+    with open(os.path.join(out, f"rank{{rank}}.json"), "w") as fh:
+        json.dump({{"disagreements": cb.mask_disagreements, "observations": pruner.state.observations,
+                    "layers": layers}}, fh)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_two_ranks_match_single_process(tmp_path, stage):
+    """DeepSpeed on CPU (DS_ACCELERATOR=cpu, gloo). Its first use JIT-compiles a shared-memory
+    communication op into TORCH_EXTENSIONS_DIR (about 8 minutes on a busy 2-core machine)."""
+    pytest.importorskip("deepspeed")
+    meta, (r0, r1) = _run_two_ranks(tmp_path, DEEPSPEED_WORKER, str(stage))
+    assert meta[0]["disagreements"] == meta[1]["disagreements"] == 0
+    assert meta[0]["observations"] == meta[1]["observations"] == STEPS
+    shared = [k for k in r0 if not k.startswith("final.")]
+    for k in shared:
+        assert torch.equal(r0[k], r1[k]), k
+    if stage == 3:
+        assert meta[1]["layers"] is None and not any(k.startswith("final.") for k in r1)
+    else:  # parameters are whole on every rank under ZeRO-2: every rank cuts its own copy
+        assert meta[1]["layers"] == meta[0]["layers"]
+    ref = hand_loop(rows(STEPS * BATCH * 2), 2 * BATCH)
+    for i in range(len(ref.layers)):
+        assert torch.equal(r0[f"attn_keep.{i}"].bool(), ref.state.masks.attn_keep[i])
+        assert torch.equal(r0[f"mlp_keep.{i}"].bool(), ref.state.masks.mlp_keep[i])
+        torch.testing.assert_close(r0[f"mlp_score.{i}"], ref.state.mlp_score[i], rtol=1e-4, atol=1e-9)
+    for i, p in enumerate(ref.lora_parameters()):
+        torch.testing.assert_close(r0[f"lora.{i}"], p, rtol=1e-4, atol=1e-5)
+    small = ref.finalize()
+    assert meta[0]["layers"] == small.config.loraprune["layers"]
+    for k, v in small.state_dict().items():
+        torch.testing.assert_close(r0["final." + k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_deepspeed_refuses_criteria_that_read_parameter_gradients():
+    from types import SimpleNamespace
+
+    from loraprune import LoRAPruner
+    from loraprune.callback import LoRAPruneCallback
+    from loraprune.errors import ConfigError
+    from tiny import tiny_model
+
+    state = SimpleNamespace(global_step=0, max_steps=4)
+    args = SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}})
+    cb = LoRAPruneCallback(LoRAPruner(tiny_model(), ratio=0.5, criterion="lora"))
+    with pytest.raises(ConfigError, match="criterion='fisher'"):
+        cb.on_train_begin(args, state, None)
+    ok = LoRAPruneCallback(LoRAPruner(tiny_model(), ratio=0.5))  # fisher: activations only
+    ok.on_train_begin(args, state, None)
+    assert ok._deepspeed
