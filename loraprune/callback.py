@@ -29,10 +29,40 @@ Distributed training (via Accelerate):
   Per-shard partial sums (each rank scoring the rows it owns and all-reducing
   the group sums) would avoid the gather for the ``lora`` criterion, but
   FSDP's flat shards do not follow row boundaries, so this is not done.
-  FSDP2 (``fully_shard``, DTensor parameters) is refused with a clear error.
-* **DeepSpeed** - ZeRO-1/2/3 keep gradients in their own partitioned buffers
-  (``param.grad`` is ``None`` at the hook). Instead of silently skipping the
-  scoring (which prunes blind), the callback raises and says so.
+  ``finalize()`` under FSDP v1 is not covered by a test: call it on an
+  unwrapped model.
+* **FSDP2** (``fully_shard``; accelerate's and transformers' default) -
+  parameters and gradients are row-sharded ``DTensor`` s at the hook, and no
+  weight-sized tensor is gathered for scoring (:mod:`loraprune.distributed`
+  holds the details). ``fisher`` (the default) and ``taylor`` read activations, which are
+  never sharded, and all-reduce their per-group statistics (a few KB per step).
+  ``lora`` / ``grad`` / ``magnitude`` score each projection from **per-shard
+  partial sums**: each rank keeps its rows of ``W``, ``B``, ``∇B`` (``∇W``)
+  local, gathers only ``A`` and ``∇A`` (``r x in``), and the group sums are
+  all-gathered (rows) / all-reduced (columns): no weight-sized tensor is
+  gathered. Other layouts (``shard_placement_fn`` giving ``Shard(1)``) are
+  gathered one projection at a time (peak: one full projection). Masks are
+  broadcast from rank 0 as under DDP. ``finalize()`` is a collective: every
+  parameter is gathered one at a time to rank 0's CPU, the model is rebuilt
+  there without FSDP, and rank 0 gets the small model (the other ranks
+  ``None``): peak, the unpruned model once in rank 0's host memory.
+* **DeepSpeed ZeRO-2 / ZeRO-3** - accelerate runs DeepSpeed's ``engine.step()``
+  inside ``backward``, before any callback: the LoRA gradients are reduced
+  into DeepSpeed's partitioned buffers and consumed before the hook. So under
+  DeepSpeed the callback scores with the activation criteria only
+  (``fisher``, the default, and ``taylor``; also ``random``), whose statistics
+  are gathered in backward hooks and all-reduced at the hook: no parameter
+  gradient, no ``GatheredParameters`` during training. ``lora`` / ``grad`` /
+  ``magnitude`` are refused at ``on_train_begin`` with that explanation.
+  Masks are broadcast from rank 0. ``finalize()``: under ZeRO-2 every rank
+  holds whole parameters and cuts its own copy; under ZeRO-3 it is a
+  collective like FSDP2's (``GatheredParameters`` one tensor at a time, the
+  model on rank 0). Tested on CPU with deepspeed 0.19.8
+  (``pip install deepspeed``, ``DS_ACCELERATOR=cpu``, gloo; its first
+  ``init_distributed`` JIT-compiles the ``deepspeed_shm_comm`` op, 7.6 min on
+  the shared 2-core test machine) with ZeRO-2 and ZeRO-3, driven in
+  accelerate's order (``engine.backward``, ``engine.step``, then the hooks),
+  not through ``Trainer`` itself.
 """
 from __future__ import annotations
 
@@ -90,7 +120,7 @@ class LoRAPruneCallback(TrainerCallback):
                           optimizers=(callback.optimizer(lr=2e-4), None))
         trainer.train()
         small = callback.finalize()          # compacted, LoRA merged
-        loraprune.save_pruned(small, "out")
+        loraprune.save_pruned(small, "out")  # FSDP2 / ZeRO-3: small is None except on rank 0
 
     ``prune_start`` / ``prune_end`` / ``prune_every`` (default: the pruner's
     :class:`~loraprune.config.PruneConfig`) build the cubic schedule from

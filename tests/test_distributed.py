@@ -19,7 +19,7 @@ FSDP2_WORKER = textwrap.dedent(
     from torch.distributed.tensor import Shard
     from safetensors.torch import save_file
     import test_callback as T
-    from loraprune.distributed import full
+    from loraprune.distributed import _row_sharded, full
 
     out, criterion, layout = sys.argv[1:4]
     dist.init_process_group("gloo")
@@ -31,7 +31,9 @@ FSDP2_WORKER = textwrap.dedent(
     for layer in pruner.model.model.layers:
         fully_shard(layer, shard_placement_fn=place)
     model = fully_shard(pruner.model, shard_placement_fn=place)
-    assert type(pruner.modules[0]["q_proj"].lora_A).__name__ == "DTensor"
+    q = pruner.modules[0]["q_proj"]
+    assert type(q.lora_A).__name__ == "DTensor"
+    assert _row_sharded(q.base.weight, q.lora_B) == (layout == "rows")  # partial sums, else the gather
     cb = T.LoRAPruneCallback(pruner)
     opt = cb.optimizer(lr=T.LR)
     args = T.trainer_args(out)
