@@ -77,8 +77,8 @@ from transformers import TrainerCallback
 from .checkpoint import restore_pruning_state, save_pruning_state
 from .criterion import ProjectionImportance
 from .distributed import finalize_sharded, is_sharded, local, uses_deepspeed
-from .errors import ConfigError
 from .engine import LoRAPruner
+from .errors import ConfigError
 from .prune import NonFiniteLossError
 from .schedule import CubicSchedule
 

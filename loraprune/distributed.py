@@ -1,4 +1,4 @@
-"""Sharded data parallelism (FSDP2 ``fully_shard``): scoring from shards, the final cut.
+"""Sharded data parallelism (FSDP2 ``fully_shard``, DeepSpeed ZeRO-3): scoring from shards, the final cut.
 
 Under FSDP2 every parameter of the model is a ``DTensor`` holding this rank's
 slice of rows (``Shard(0)`` on the data-parallel mesh), and after backward so
@@ -33,7 +33,13 @@ is its gradient. Nothing in the engine changes for it:
   without FSDP (from its config, on the meta device, then the gathered
   tensors), and finalizes that: rank 0 gets the small dense model, the other
   ranks ``None``. Peak memory: the unpruned model once in rank 0's host RAM,
-  one parameter at a time on each device.
+  one parameter at a time on each device. DeepSpeed ZeRO-3 parameters take the
+  same path (``deepspeed.zero.GatheredParameters``, one at a time).
+
+DeepSpeed scores with the group criteria only: accelerate steps the engine
+inside ``backward``, so the parameter gradients the projection criteria need
+are gone before any hook (see :mod:`loraprune.callback`); a ZeRO-3 partition
+reaching :func:`projection_sums` is refused with that advice.
 """
 from __future__ import annotations
 

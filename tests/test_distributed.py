@@ -70,7 +70,7 @@ FSDP2_WORKER = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("criterion, layout", [("fisher", "rows"), ("lora", "rows"), ("lora", "cols")])
+@pytest.mark.parametrize("criterion, layout", [("fisher", "rows"), ("lora", "rows"), ("lora", "cols"), ("grad", "rows")])
 def test_fsdp2_two_ranks_match_single_process(tmp_path, criterion, layout):
     meta, (r0, r1) = _run_two_ranks(tmp_path, FSDP2_WORKER, criterion, layout)
     assert meta[0]["disagreements"] == meta[1]["disagreements"] == 0  # equal before the broadcast, too
