@@ -29,10 +29,40 @@ Distributed training (via Accelerate):
   Per-shard partial sums (each rank scoring the rows it owns and all-reducing
   the group sums) would avoid the gather for the ``lora`` criterion, but
   FSDP's flat shards do not follow row boundaries, so this is not done.
-  FSDP2 (``fully_shard``, DTensor parameters) is refused with a clear error.
-* **DeepSpeed** - ZeRO-1/2/3 keep gradients in their own partitioned buffers
-  (``param.grad`` is ``None`` at the hook). Instead of silently skipping the
-  scoring (which prunes blind), the callback raises and says so.
+  ``finalize()`` under FSDP v1 is not covered by a test: call it on an
+  unwrapped model.
+* **FSDP2** (``fully_shard``; accelerate's and transformers' default) -
+  parameters and gradients are row-sharded ``DTensor`` s at the hook, and no
+  weight-sized tensor is gathered for scoring (:mod:`loraprune.distributed`
+  holds the details). ``fisher`` (the default) and ``taylor`` read activations, which are
+  never sharded, and all-reduce their per-group statistics (a few KB per step).
+  ``lora`` / ``grad`` / ``magnitude`` score each projection from **per-shard
+  partial sums**: each rank keeps its rows of ``W``, ``B``, ``∇B`` (``∇W``)
+  local, gathers only ``A`` and ``∇A`` (``r x in``), and the group sums are
+  all-gathered (rows) / all-reduced (columns): no weight-sized tensor is
+  gathered. Other layouts (``shard_placement_fn`` giving ``Shard(1)``) are
+  gathered one projection at a time (peak: one full projection). Masks are
+  broadcast from rank 0 as under DDP. ``finalize()`` is a collective: every
+  parameter is gathered one at a time to rank 0's CPU, the model is rebuilt
+  there without FSDP, and rank 0 gets the small model (the other ranks
+  ``None``): peak, the unpruned model once in rank 0's host memory.
+* **DeepSpeed ZeRO-2 / ZeRO-3** - accelerate runs DeepSpeed's ``engine.step()``
+  inside ``backward``, before any callback: the LoRA gradients are reduced
+  into DeepSpeed's partitioned buffers and consumed before the hook. So under
+  DeepSpeed the callback scores with the activation criteria only
+  (``fisher``, the default, and ``taylor``; also ``random``), whose statistics
+  are gathered in backward hooks and all-reduced at the hook: no parameter
+  gradient, no ``GatheredParameters`` during training. ``lora`` / ``grad`` /
+  ``magnitude`` are refused at ``on_train_begin`` with that explanation.
+  Masks are broadcast from rank 0. ``finalize()``: under ZeRO-2 every rank
+  holds whole parameters and cuts its own copy; under ZeRO-3 it is a
+  collective like FSDP2's (``GatheredParameters`` one tensor at a time, the
+  model on rank 0). Tested on CPU with deepspeed 0.19.8
+  (``pip install deepspeed``, ``DS_ACCELERATOR=cpu``, gloo; its first
+  ``init_distributed`` JIT-compiles the ``deepspeed_shm_comm`` op, 7.6 min on
+  the shared 2-core test machine) with ZeRO-2 and ZeRO-3, driven in
+  accelerate's order (``engine.backward``, ``engine.step``, then the hooks),
+  not through ``Trainer`` itself.
 """
 from __future__ import annotations
 
@@ -45,13 +75,17 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from .checkpoint import restore_pruning_state, save_pruning_state
+from .criterion import ProjectionImportance
+from .distributed import finalize_sharded, is_sharded, local, uses_deepspeed
 from .engine import LoRAPruner
+from .errors import ConfigError
 from .prune import NonFiniteLossError
 from .schedule import CubicSchedule
 
 log = logging.getLogger("loraprune")
 
 STATE_DIR = "loraprune_state"  # inside each Trainer checkpoint-N folder
+_NOT_YET = object()  # finalize() not called yet (None is rank > 0's answer under FSDP2)
 
 
 def _distributed() -> bool:
@@ -86,7 +120,7 @@ class LoRAPruneCallback(TrainerCallback):
                           optimizers=(callback.optimizer(lr=2e-4), None))
         trainer.train()
         small = callback.finalize()          # compacted, LoRA merged
-        loraprune.save_pruned(small, "out")
+        loraprune.save_pruned(small, "out")  # FSDP2 / ZeRO-3: small is None except on rank 0
 
     ``prune_start`` / ``prune_end`` / ``prune_every`` (default: the pruner's
     :class:`~loraprune.config.PruneConfig`) build the cubic schedule from
@@ -112,7 +146,8 @@ class LoRAPruneCallback(TrainerCallback):
         self.bad_in_row = 0
         self.skipped_steps = 0
         self.mask_disagreements = 0
-        self._finalized = None
+        self._finalized = _NOT_YET
+        self._deepspeed = False
 
     # ---- helpers for users ----------------------------------------------------------
     def optimizer(self, lr: float = 2e-4, weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
@@ -121,12 +156,16 @@ class LoRAPruneCallback(TrainerCallback):
 
     def finalize(self):
         """Reach the target masks, cut the pruned groups, merge LoRA: the small model (call after ``train()``)."""
-        if self._finalized is None:
+        if self._finalized is _NOT_YET:
             from .io import attach_export
 
             # compact() attaches the kept indices of the masks it cut (the target
             # masks, reached by finalize() even if training stopped early)
-            self._finalized = attach_export(self.pruner.finalize())
+            if is_sharded(self.pruner.model):  # FSDP2, ZeRO-3: a collective; the model on rank 0, None elsewhere
+                small = finalize_sharded(self.pruner)
+            else:
+                small = self.pruner.finalize()
+            self._finalized = None if small is None else attach_export(small)
         return self._finalized
 
     # ---- Trainer events ---------------------------------------------------------------
@@ -137,7 +176,15 @@ class LoRAPruneCallback(TrainerCallback):
                                  "or give the pruner a CubicSchedule")
             self.pruner.schedule = CubicSchedule.for_run(state.max_steps, self.prune_start, self.prune_end,
                                                          self.prune_every)
-        if optimizer is not None:
+        self._deepspeed = uses_deepspeed(args, optimizer)
+        if self._deepspeed and isinstance(self.pruner.importance, ProjectionImportance):
+            raise ConfigError(
+                f"criterion={self.pruner.criterion!r} reads parameter gradients, which DeepSpeed reduces into its own "
+                "partitioned buffers and consumes inside backward (accelerate steps the engine there, before any "
+                "callback runs); use criterion='fisher' (the default) or 'taylor', which read activations, or train "
+                "with DDP / FSDP / FSDP2"
+            )
+        if optimizer is not None and not self._deepspeed:  # ZeRO's param_groups hold its own flat partitions
             lora = {id(p) for p in self.pruner.lora_parameters()}
             extra = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in lora]
             if extra:
@@ -149,19 +196,20 @@ class LoRAPruneCallback(TrainerCallback):
         if fsdp is not None and not getattr(fsdp, "_use_orig_params", True):
             raise ValueError("FSDP needs use_orig_params=True for LoRAPrune scoring "
                              "(accelerate: fsdp_use_orig_params: true)")
-        if any(type(p).__name__ == "DTensor" for p in self.pruner.lora_parameters()):
-            raise NotImplementedError("FSDP2 (fully_shard) is not supported by LoRAPruneCallback yet; use FSDP v1 "
-                                      "with use_orig_params=True, or DDP")
         if state.global_step > 0:
             self._restore(args, state)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self._deepspeed:
+            # the engine has stepped already; the activation statistics of the step are all there is
+            self._count_bad(self.pruner.score(), args, state)
+            return
         params = self.pruner.lora_parameters()
         fsdp = _find_fsdp(model)
         if fsdp is None and all(p.grad is None for p in params):
             raise RuntimeError(
-                "no LoRA gradients are visible at the optimizer step (DeepSpeed ZeRO keeps them in its own "
-                "partitioned buffers, so the groups cannot be scored); train with DDP or FSDP instead"
+                "no LoRA gradients are visible at the optimizer step, so the groups cannot be scored (a DeepSpeed "
+                "run that LoRAPruneCallback did not recognise? pass TrainingArguments(deepspeed=...))"
             )
         if fsdp is not None:
             with type(fsdp).summon_full_params(fsdp, with_grads=True, writeback=False, recurse=True):
@@ -172,16 +220,20 @@ class LoRAPruneCallback(TrainerCallback):
             finite = self._grads_finite(params)
             if finite:
                 self.pruner.score()
+        if not finite:
+            # AdamW skips parameters without a gradient: the update is skipped; the
+            # frozen weights' gradients (``grad`` criterion) must not leak either
+            self.pruner.discard_grads()
+            warnings.warn(f"step {state.global_step + 1}: non-finite gradients; update skipped", RuntimeWarning,
+                          stacklevel=2)
+        self._count_bad(finite, args, state)
+
+    def _count_bad(self, finite: bool, args, state) -> None:
         if finite:
             self.bad_in_row = 0
             return
         self.bad_in_row += 1
         self.skipped_steps += 1
-        # AdamW skips parameters without a gradient: the update is skipped; the
-        # frozen weights' gradients (``grad`` criterion) must not leak either
-        self.pruner.discard_grads()
-        warnings.warn(f"step {state.global_step + 1}: non-finite gradients; update skipped", RuntimeWarning,
-                      stacklevel=2)
         if self.bad_in_row >= self.max_bad_steps:
             raise NonFiniteLossError(
                 f"{self.bad_in_row} steps in a row had NaN/inf gradients; lower the learning rate (now "
@@ -190,7 +242,8 @@ class LoRAPruneCallback(TrainerCallback):
 
     @staticmethod
     def _grads_finite(params) -> bool:
-        flags = torch.tensor([all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)],
+        # under FSDP2 each rank checks its own shard; the all-reduce below decides for all
+        flags = torch.tensor([all(p.grad is None or bool(torch.isfinite(local(p.grad)).all()) for p in params)],
                              dtype=torch.uint8)
         if _distributed():  # one decision for all ranks (they must skip together)
             flags = _on_comm_device(flags)

@@ -41,6 +41,7 @@ import torch
 
 from . import kernels
 from .config import CRITERION_NAMES
+from .distributed import projection_sums
 from .errors import ConfigError
 from .lora import LoRALinear
 
@@ -106,7 +107,8 @@ class ProjectionImportance(Importance):
         raise NotImplementedError
 
     def _vector(self, module: LoRALinear, rows: bool) -> torch.Tensor:
-        row_sums, col_sums = self.module_sums(module)
+        # FSDP2 (DTensor) shards are scored in place and summed over ranks: loraprune.distributed
+        row_sums, col_sums = projection_sums(self.module_sums, module)
         v = row_sums if rows else col_sums
         if self.normalize == "module":
             v = v / v.sum().clamp_min(torch.finfo(v.dtype).tiny)

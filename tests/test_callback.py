@@ -50,9 +50,9 @@ def run_trainer(out, data, resume=None, **kw):
     return pruner, cb
 
 
-def hand_loop(data, batch):
+def hand_loop(data, batch, **kw):
     """The engine's documented protocol, written out: the independent reference."""
-    pruner = new_pruner()
+    pruner = new_pruner(**kw)
     opt = torch.optim.AdamW(pruner.lora_parameters(), lr=LR)
     pruner.model.train()
     for step in range(1, STEPS + 1):
@@ -232,7 +232,9 @@ FSDP_WORKER = textwrap.dedent(
 )
 
 
-def _run_two_ranks(tmp_path, source):
+def _run_two_ranks(tmp_path, source, *args: str):
+    """Run ``source`` (formatted with ``tests=``) as two gloo ranks: ``worker.py OUT_DIR *args``;
+    each writes ``rank{r}.json`` and ``rank{r}.safetensors`` to OUT_DIR."""
     script = tmp_path / "worker.py"
     script.write_text(source.format(tests=str(TESTS)))
     port = _free_port()
@@ -241,7 +243,7 @@ def _run_two_ranks(tmp_path, source):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                    TOKENIZERS_PARALLELISM="false")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
