@@ -156,6 +156,14 @@ class LoRAImportance(ProjectionImportance):
 
     name = "lora"
 
+    def scores(self, pruner):
+        if all(m.lora_A.grad is None and m.lora_B.grad is None for m in pruner.lora_modules()):
+            # e.g. DeepSpeed ZeRO-2 in a hand-written loop: the gradients live in the engine's
+            # partitions; zeros would rank every group alike and prune blind
+            raise RuntimeError("criterion='lora' found no LoRA gradient to score (call score() after backward; "
+                               "under DeepSpeed use criterion='fisher', which reads activations)")
+        return super().scores(pruner)
+
     def module_sums(self, module):
         A, B = module.lora_A, module.lora_B
         gA = A.grad if A.grad is not None else torch.zeros_like(A)

@@ -107,3 +107,12 @@ def test_lora_criterion_allocates_no_out_by_in_temporary():
     assert eager["ratio_to_weight"] >= 1.0, eager  # the probe does see full-size temporaries
     # the public path reports scores per unit of LoRA scale (the probe's default scaling is 2)
     assert ours["row_sum_total"] * 2.0 == pytest.approx(eager["row_sum_total"], rel=1e-4)
+
+
+def test_lora_criterion_without_any_gradient_refuses_to_score_blind():
+    pruner = LoRAPruner(tiny_model("llama"), ratio=0.5, criterion="lora")
+    with pytest.raises(RuntimeError, match="no LoRA gradient"):
+        pruner.score()
+    batch = random_batches(n=1)[0]
+    pruner.model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert pruner.score()  # after backward it scores
