@@ -84,6 +84,9 @@ class PruneConfig:
     distill: float = _opt(0.5, "weight of self-distillation: the loss is (1-distill)*LM + distill*KL(dense || pruned), "
                                "the dense teacher being the same frozen weights with LoRA and masks off")
     distill_temperature: float = _opt(1.0, "softmax temperature of the distillation loss")
+    loss_chunk: int = _opt(512, "positions per chunk of the loss: logits (student and teacher) are computed a chunk "
+                                "at a time under activation checkpointing and never exist whole (same value and "
+                                "gradients); 0 uses the model's own logits")
     weight_decay: float = _opt(0.0, "AdamW weight decay of the LoRA factors")
     max_grad_norm: float | None = _opt(1.0, "gradient clipping of the LoRA factors (0 or None: off)")
     max_bad_steps: int = _opt(5, "this many NaN/inf steps in a row stop the run with NonFiniteLossError")
@@ -141,6 +144,7 @@ class PruneConfig:
         num("grad_accum", 1, integer=True)
         num("distill", 0, 1)
         num("distill_temperature", 0, lo_open=True)
+        num("loss_chunk", 0, integer=True)
         num("weight_decay", 0)
         num("max_grad_norm", 0, allow_none=True)
         num("max_bad_steps", 1, integer=True)
@@ -199,7 +203,7 @@ class PruneConfig:
 #: written under other values cannot be resumed (progress/merge/checkpointing can differ).
 RUN_DEFINING = tuple(f.name for f in fields(PruneConfig)
                      if f.name not in ("progress", "merge", "checkpoint_dir", "checkpoint_every", "resume",
-                                       "force_resume"))
+                                       "force_resume", "loss_chunk"))
 
 
 def options_markdown() -> str:

@@ -17,7 +17,6 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import PruneConfig
@@ -26,6 +25,7 @@ from .engine import LoRAPruner
 from .gguf import check_dense
 from .errors import LoRAPruneError
 from .io import attach_export
+from .loss import trained_tokens, training_loss
 from .schedule import CubicSchedule
 
 log = logging.getLogger("loraprune")
@@ -49,45 +49,14 @@ def lr_factor(schedule: str, step: int, steps: int) -> float:
     return 1.0
 
 
-def _trained_tokens(batch: dict) -> torch.Tensor:
-    """Which positions' next-token predictions count in the loss (B x T-1, bool)."""
-    labels = batch.get("labels", batch["input_ids"])
-    valid = labels[:, 1:] != -100
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        valid = valid & mask[:, 1:].bool()
-    return valid
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """Mean over trained positions of ``KL(teacher || student)`` at ``temperature``, times T²."""
-    t = temperature
-    s = F.log_softmax(student_logits[:, :-1].float() / t, dim=-1)[valid]
-    p = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)[valid]
-    kl = F.kl_div(s, p, log_target=True, reduction="none").sum(-1)
-    return kl.mean() * (t * t)
-
-
 def micro_step(pruner: LoRAPruner, batch: dict, config: PruneConfig, scale: float) -> float | None:
     """Forward and backward of one micro-batch (loss times ``scale``); the unscaled loss,
     or ``None`` if it is not finite (nothing is back-propagated then)."""
-    model = pruner.model
-    valid = _trained_tokens(batch)
+    valid = trained_tokens(batch)
     if not bool(valid.any()):
         raise DataError("a batch has no token to train on (its labels are all -100 or its attention_mask is all 0); "
                         "give batches with real targets")
-    teacher = None
-    if config.distill > 0:
-        with torch.no_grad(), pruner.dense_teacher():
-            teacher = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    out = model(**batch)
-    if out.loss is None:
-        raise DataError("the model returned no loss: batches need 'labels' (or text data, which gets them)")
-    loss = out.loss
-    if teacher is not None:
-        kd = distillation_loss(out.logits, teacher, valid.to(out.logits.device), config.distill_temperature)
-        loss = (1.0 - config.distill) * loss + config.distill * kd
+    loss = training_loss(pruner, batch, config)
     if not torch.isfinite(loss):
         return None
     (loss * scale).backward()

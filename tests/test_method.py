@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import loraprune
 from loraprune.allocation import allocate
 from loraprune.groups import build_layer_groups, layer_projection_params
-from loraprune.prune import distillation_loss, lr_factor
+from loraprune.loss import distillation_loss
+from loraprune.prune import lr_factor
 from loraprune.state import PruningState
 from tiny import random_batches, tiny_model
 
