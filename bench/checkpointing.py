@@ -10,7 +10,7 @@ model loaded (as ``bench/smollm2.py`` measures it: ``VmHWM`` after
 change them.
 
     python -m bench.checkpointing                     # all cases, writes results/checkpointing.json
-    python -m bench.checkpointing --methods default grad --steps 3
+    python -m bench.checkpointing --methods default grad-adaptive-kd --steps 2
     python -m bench.checkpointing --case '{"method": "default", "checkpointing": true}'   # one case, prints JSON
 """
 from __future__ import annotations
@@ -115,23 +115,30 @@ def main(argv=None) -> int:
         case = json.loads(args.case)
         print(json.dumps(run_case(case["method"], case["checkpointing"], case.get("steps", args.steps))))
         return 0
-    from .common import result_payload, write_json
+    from .common import read_json, result_payload, write_json
 
-    results = []
+    out = Path(args.out)
+    settings = {"model": "SmolLM2-135M (fp32, CPU)", "seq_len": SEQ_LEN, "batch_size": BATCH, "steps": args.steps,
+                "ratio": 0.5, "method": "peak RSS (VmHWM after clear_refs) during prune() minus RSS with the model "
+                                        "loaded; one process per case"}
+
+    def payload_of(results):
+        payload = result_payload("checkpointing", settings, {"cases": results})
+        payload["summary"] = summarize(results)
+        return payload
+
+    # cases already in the results file (same steps) are kept: a cut run resumes where it stopped
+    results = [r for r in (read_json(out)["cases"] if out.is_file() else []) if r["steps"] == args.steps]
     for method in args.methods:
         for ckpt in (False, True):
+            if any(r["method"] == method and r["checkpointing"] == ckpt for r in results):
+                continue
             res = _subprocess({"method": method, "checkpointing": ckpt, "steps": args.steps})
             results.append(res)
             print(f"checkpointing: {method} {'on ' if ckpt else 'off'}: peak extra {res['peak_extra_mib']:.0f} MiB, "
                   f"{res['seconds']:.0f} s, losses {[round(x, 4) for x in res['losses']]}", flush=True)
-    payload = result_payload("checkpointing", {"model": "SmolLM2-135M (fp32, CPU)", "seq_len": SEQ_LEN,
-                                               "batch_size": BATCH, "steps": args.steps, "ratio": 0.5,
-                                               "method": "peak RSS (VmHWM after clear_refs) during prune() minus "
-                                                         "RSS with the model loaded; one process per case"},
-                             {"cases": results})
-    payload["summary"] = summarize(results)
-    write_json(Path(args.out), payload)
-    print(markdown(payload))
+            write_json(out, payload_of(results))  # after every case
+    print(markdown(payload_of(results)))
     return 0
 
 
