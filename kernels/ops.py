@@ -147,7 +147,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, dropou
         x, weight = x.to(amp), weight.to(amp)
         bias = None if bias is None else bias.to(amp)
     x2d = x.reshape(-1, in_f)
-    with _fp32_maths(x) if amp is not None else contextlib.nullcontext():
+    with _autocast_off(device_type) if amp is not None else contextlib.nullcontext():
         y2d = LoRALinearFunction.apply(x2d, weight, lora_A, lora_B, bias, keep, float(scaling), p, seed, backend)
     return y2d.reshape(*x.shape[:-1], out_f)
 
