@@ -12,6 +12,7 @@ change them.
     python -m bench.checkpointing                     # all cases, writes results/checkpointing.json
     python -m bench.checkpointing --methods default grad-adaptive-kd --steps 2
     python -m bench.checkpointing --case '{"method": "default", "checkpointing": true}'   # one case, prints JSON
+    python -m bench.checkpointing --report            # the markdown table of the results file
 """
 from __future__ import annotations
 
@@ -96,6 +97,8 @@ def markdown(payload: dict) -> str:
     rows = ["| method | peak extra MiB, plain | peak extra MiB, checkpointing | checkpointing / plain | same losses | "
             "time checkpointing / plain |", "|---|---|---|---|---|---|"]
     for m, r in payload["summary"]["per_method"].items():
+        if r["off_mib"] is None or r["on_mib"] is None:
+            continue
         rows.append(f"| {m} | {r['off_mib']:.0f} | {r['on_mib']:.0f} | {r.get('on_over_off', float('nan')):.2f} | "
                     f"{'yes' if r.get('same_losses') else 'no (max diff %.2g)' % r.get('max_loss_diff', float('nan'))} | "
                     f"{r.get('seconds_on_over_off', float('nan')):.2f} |")
@@ -110,7 +113,13 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="methods of bench/smollm2.py")
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "checkpointing.json"))
+    ap.add_argument("--report", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args(argv)
+    if args.report:
+        from .common import read_json
+
+        print(markdown(read_json(Path(args.out))))
+        return 0
     if args.case:
         case = json.loads(args.case)
         print(json.dumps(run_case(case["method"], case["checkpointing"], case.get("steps", args.steps))))
