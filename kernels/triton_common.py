@@ -8,6 +8,8 @@ Under the interpreter one small configuration is used (it only proves maths).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -231,3 +233,35 @@ def dropout_keep_mask(seed, rows, col0, p, BLOCK_K: tl.constexpr):
     bits = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [..., i, j] = r_{2i+j}: column 4q + 2i + j
     bits = tl.reshape(bits, (rows.shape[0], BLOCK_K))
     return tl.uint_to_uniform_float(bits) >= p
+
+
+# ---------------------------------------------------------------------------
+# device guard
+# ---------------------------------------------------------------------------
+
+def _first_device(args, kwargs) -> torch.device | None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, torch.device):
+            return a
+        if isinstance(a, str) and a.startswith(("cuda", "cpu")):
+            return torch.device(a)
+    return None
+
+
+def on_tensor_device(launcher):
+    """Run a launcher with its first tensor's GPU as the current CUDA device.
+
+    Triton launches on ``torch.cuda.current_device()``, not on the device of
+    the pointers it is given: without the guard, tensors on ``cuda:1`` (a
+    ``device_map``-sharded model) would be read by a kernel running on
+    ``cuda:0``. CPU tensors (the interpreter) need no guard.
+    """
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        device = _first_device(args, kwargs)
+        guard = torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return launcher(*args, **kwargs)
+    return guarded

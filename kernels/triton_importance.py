@@ -25,6 +25,7 @@ import triton.language as tl
 from .triton_common import (
     INTERPRETING,
     lora_dot_precision,
+    on_tensor_device,
     rank_block,
     rank_chunk,
     split_launch_options,
@@ -146,6 +147,7 @@ def importance_dot_precision() -> str:
     return "ieee" if INTERPRETING else lora_dot_precision()
 
 
+@on_tensor_device
 def group_importance(weight, lora_A, lora_B, grad_A, grad_B, scaling: float, square: bool = False):
     """Triton launcher; arguments already validated.  Returns fp32 (row_sums, col_sums)."""
     OUT, IN = weight.shape

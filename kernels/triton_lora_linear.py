@@ -39,6 +39,7 @@ from .triton_common import (
     INTERPRETING,
     dropout_keep_mask,
     lora_dot_precision,
+    on_tensor_device,
     main_dot_precision,
     rank_block,
     up_dot_precision,
@@ -352,6 +353,7 @@ def _keep_args(keep: torch.Tensor | None, out_features: int):
     return True, keep, keep.numel()
 
 
+@on_tensor_device
 def lora_down(x2d, lora_A, p: float, seed: int) -> torch.Tensor:
     """xa = drop(x) @ A^T in fp32, shape (M, r)."""
     M, K = x2d.shape
@@ -372,6 +374,7 @@ def lora_down(x2d, lora_A, p: float, seed: int) -> torch.Tensor:
     return xa
 
 
+@on_tensor_device
 def lora_linear_forward(x2d, weight, lora_A, lora_B, bias, keep, scaling: float, p: float, seed: int):
     """Returns (y2d, xa).  y is full width; channels not in ``keep`` are exact zeros."""
     M, K = x2d.shape
@@ -403,6 +406,7 @@ def lora_linear_forward(x2d, weight, lora_A, lora_B, bias, keep, scaling: float,
 COMPACT_ALIGN = 16
 
 
+@on_tensor_device
 def compact_grad(g2d: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """The output gradient as the backward kernels read it: unit column stride,
     restricted to the kept columns (in ``keep`` order), rows 16-element aligned.
@@ -426,6 +430,7 @@ def compact_grad(g2d: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+@on_tensor_device
 def lora_linear_backward(g2d, x2d, weight, lora_A, lora_B, xa, keep, scaling: float, p: float, seed: int,
                          need_dx: bool = True, need_dA: bool = True, need_dB: bool = True):
     """(dx, dA, dB) of lora_linear; entries not needed are None."""
@@ -505,6 +510,7 @@ def dropout_mask_kernel(out_ptr, M, K, stride_om, seed, p,
              mask=(rows < M)[:, None] & (cols < K)[None, :])
 
 
+@on_tensor_device
 def dropout_mask(M: int, K: int, p: float, seed: int, device) -> torch.Tensor:
     """The (M, K) bool keep-mask the Triton kernels apply for ``seed`` (tests, gpu_check)."""
     out = torch.empty((M, K), device=device, dtype=torch.int8)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import rank_chunk, split_launch_options, tile_config
+from .triton_common import on_tensor_device, rank_chunk, split_launch_options, tile_config
 
 
 @triton.jit
@@ -53,6 +53,7 @@ def merge_gather_kernel(
              merged.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def merge_gather(weight, lora_A, lora_B, scaling: float, rows, cols):
     """Triton launcher; arguments already validated (rows/cols int64 on device or None)."""
     OUT, IN = weight.shape

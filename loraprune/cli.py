@@ -23,7 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_inputs import CLIError, check_path_exists, eval_texts, load_model_and_tokenizer
+from .cli_inputs import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    DTYPES,
+    CLIError,
+    check_path_exists,
+    eval_texts,
+    load_model_and_tokenizer,
+    resolve_placement,
+)
 from .errors import LoRAPruneError
 from .tables import format_table
 
@@ -73,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=_positive_int, default=None, help="only the first N windows (quick estimate)")
     e.add_argument("--baseline", default=None, help="also evaluate this (dense) model and report the ratio")
     e.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: from --model)")
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    e.add_argument("--device", default=None, help=DEVICE_HELP)
+    e.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP.split(";")[0])
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     i = sub.add_parser("inspect", help="per-layer widths and parameter counts of a saved model", formatter_class=fmt,
@@ -92,19 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_eval(args) -> int:
     from .eval import perplexity
 
+    placement = resolve_placement(args.device, args.dtype)
     for option in ("--model", "--baseline"):
         check_path_exists(option, getattr(args, option[2:]), "a model directory, a .gguf file, or a hub id")
     texts = eval_texts(args.data, args.split)
     rows = []
     for name in [args.model] + ([args.baseline] if args.baseline else []):
-        model, tokenizer = load_model_and_tokenizer(name, args.tokenizer, args.dtype)
+        model, tokenizer = load_model_and_tokenizer(name, args.tokenizer, placement.dtype, device=placement.device)
         started = time.time()
         ppl = perplexity(model, texts, tokenizer, window=args.seq_len, batch_size=args.batch_size,
                          max_windows=args.max_windows, progress=not args.no_progress)
         params = sum(p.numel() for p in model.parameters())
         rows.append([name, params, ppl, round(time.time() - started, 1)])
     print(format_table(["model", "params", "perplexity", "seconds"], rows,
-                       title=f"perplexity on {args.data} ({args.split}), windows of {args.seq_len} tokens"))
+                       title=f"perplexity on {args.data} ({args.split}), windows of {args.seq_len} tokens, "
+                             f"{placement.describe(model)} / {placement.dtype}"))
     if args.baseline:
         print(f"ratio pruned / baseline: {rows[0][2] / rows[1][2]:.4f}")
     return 0

@@ -17,7 +17,16 @@ import time
 import warnings
 from pathlib import Path
 
-from .cli_inputs import CLIError, check_path_exists, eval_texts, load_model_and_tokenizer
+from .cli_inputs import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    DTYPES,
+    CLIError,
+    check_path_exists,
+    eval_texts,
+    load_model_and_tokenizer,
+    resolve_placement,
+)
 from .config import RUN_DEFINING, PruneConfig
 from .errors import ConfigError
 from .tables import format_table
@@ -126,8 +135,8 @@ def add_prune_parser(sub, formatter) -> argparse.ArgumentParser:
                         "of them, or a hub dataset name ('name' or 'name:config', train split)")
     p.add_argument("--output", required=True, help="directory for the pruned model (checkpoints go to OUTPUT/checkpoints)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (None: the tokenizer of --model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the frozen weights (LoRA factors always train in float32)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in OUTPUT/checkpoints (starts anew if OUTPUT is missing "
                         "or empty), giving the same result as an uninterrupted run")
@@ -247,6 +256,7 @@ def cmd_prune(args) -> int:
         raise CLIError("--resume needs checkpoints: drop --checkpoint-every 0")
     if args.eval_windows < 1:
         raise CLIError(f"--eval-windows must be >= 1, got {args.eval_windows}")
+    placement = resolve_placement(args.device, args.dtype)
     check_path_exists("--model", args.model, "a model directory, a .gguf file, or a hub id")
     check_path_exists("--data", args.data, "a .txt/.jsonl file, a folder of them, or a hub dataset name")
     check_path_exists("--tokenizer", args.tokenizer, "a tokenizer directory or a hub id")
@@ -254,7 +264,7 @@ def cmd_prune(args) -> int:
     out = Path(args.output)
     run = run_record(args, cfg)
     check_output(out, args.resume, args.overwrite, run, force=args.force_resume)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, placement.dtype, device=placement.device)
     dense_layers = layer_projection_params(model)
     dense_total = sum(p.numel() for p in model.parameters())
     ppl_before = _perplexity(model, tokenizer, args, cfg) if args.eval_data else None
@@ -276,7 +286,7 @@ def cmd_prune(args) -> int:
     after_layers = layer_projection_params(pruned)
     report = {
         "model": args.model, "data": args.data, "output": str(out), "options": cfg.to_dict(),
-        "seconds": round(seconds, 2),
+        "device": placement.describe(pruned), "dtype": placement.dtype, "seconds": round(seconds, 2),
         "params_before": dense_total, "params_after": sum(p.numel() for p in pruned.parameters()),
         "projection_params_before": sum(dense_layers), "projection_params_after": sum(after_layers),
         **result.to_dict(),
@@ -319,6 +329,8 @@ def print_summary(args, cfg: PruneConfig, result, report: dict, dense_layers: li
                                 f"({result.achieved_ratio:.2%} removed, target {cfg.ratio:.2%})"],
         ["all parameters", f"{report['params_before']:,} -> {report['params_after']:,}"],
         ["steps / time", f"{result.steps} steps in {report['seconds']:.1f} s"],
+        ["device / dtype", f"{report['device']} / {report['dtype']}"
+                           + (" / gradient checkpointing" if cfg.gradient_checkpointing else "")],
     ]
     if "eval" in report:
         e = report["eval"]

@@ -91,6 +91,9 @@ class PruneConfig:
     max_grad_norm: float | None = _opt(1.0, "gradient clipping of the LoRA factors (0 or None: off)")
     max_bad_steps: int = _opt(5, "this many NaN/inf steps in a row stop the run with NonFiniteLossError")
     seed: int = _opt(0, "seed of everything (LoRA init, data order, dropout, random criterion)")
+    gradient_checkpointing: bool = _opt(False, "recompute each decoder layer's activations during backward instead "
+                                               "of keeping them (non-reentrant, for the run only): less memory at "
+                                               "long seq_len, one more forward pass per step; same masks and losses")
     merge: bool = _opt(True, "merge LoRA into the pruned weights (False keeps it, for export_adapter)")
     progress: bool = _opt(True, "show a progress bar", cli=False)
     checkpoint_dir: str | None = _opt(None, "save the pruning state here every checkpoint_every steps", cli=False)
@@ -150,7 +153,8 @@ class PruneConfig:
         num("max_bad_steps", 1, integer=True)
         num("seed", 0, integer=True)
         num("checkpoint_every", 1, integer=True, allow_none=True)
-        for name in ("square", "uniform", "progressive", "merge", "progress", "resume", "force_resume"):
+        for name in ("square", "uniform", "progressive", "gradient_checkpointing", "merge", "progress", "resume",
+                     "force_resume"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.resume and not self.checkpoint_dir:
@@ -200,10 +204,10 @@ class PruneConfig:
 
 
 #: Options that change which groups are pruned or how LoRA trains: a checkpoint
-#: written under other values cannot be resumed (progress/merge/checkpointing can differ).
+#: written under other values cannot be resumed (progress/merge/checkpointing/gradient checkpointing can differ).
 RUN_DEFINING = tuple(f.name for f in fields(PruneConfig)
                      if f.name not in ("progress", "merge", "checkpoint_dir", "checkpoint_every", "resume",
-                                       "force_resume", "loss_chunk"))
+                                       "force_resume", "loss_chunk", "gradient_checkpointing"))
 
 
 def options_markdown() -> str:

@@ -26,6 +26,8 @@ from .gguf import check_dense
 from .errors import LoRAPruneError
 from .io import attach_export
 from .loss import trained_tokens, training_loss
+from .lora import unwrap_peft
+from .recompute import check_supported, gradient_checkpointing
 from .schedule import CubicSchedule
 
 log = logging.getLogger("loraprune")
@@ -61,6 +63,15 @@ def micro_step(pruner: LoRAPruner, batch: dict, config: PruneConfig, scale: floa
         return None
     (loss * scale).backward()
     return float(loss.detach())
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where batches go: the input embedding's device (the first shard of a ``device_map`` model;
+    ``next(model.parameters())`` may live on another one)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if get is not None else None
+    weight = getattr(emb, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else next(model.parameters()).device
 
 
 def _on_device(batch: dict, device) -> dict:
@@ -110,6 +121,8 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
         raise DataError("the data gave no batch; pass at least one batch or enough text for one window")
     batches = itertools.chain([first], batches)
     check_dense(model)
+    if cfg.gradient_checkpointing:
+        check_supported(unwrap_peft(model))
     fingerprint = None
     if cfg.checkpoint_dir:
         from .checkpoint import fingerprint as run_fingerprint
@@ -122,7 +135,8 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
     use_cache = getattr(given_config, "use_cache", None)
     was_training = hf_model.training
     try:
-        pruned = _run(pruner, batches, cfg, schedule, on_step, fingerprint)
+        with gradient_checkpointing(hf_model, cfg.gradient_checkpointing):  # the model's own setting afterwards
+            pruned = _run(pruner, batches, cfg, schedule, on_step, fingerprint)
     except BaseException:
         pruner.restore()
         hf_model.train(was_training)
@@ -142,7 +156,7 @@ def _run(pruner: LoRAPruner, batches, cfg: PruneConfig, schedule: CubicSchedule,
     from .checkpoint import CheckpointError, Checkpointer  # local: checkpointing is optional
 
     hf_model = pruner.model
-    device = next(hf_model.parameters()).device
+    device = input_device(hf_model)
     params = pruner.lora_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     pruner.bind_optimizer(optimizer)  # progressive compaction permutes its state along

@@ -263,3 +263,62 @@ def test_prune_and_eval_a_gguf_file(work, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "tiny.gguf"), "--data", str(work / "data" / "a.txt"),
                  "--seq-len", "16", "--max-windows", "2", "--baseline", str(out), "--no-progress"]) == 0
     assert "ratio pruned / baseline" in capsys.readouterr().out
+
+
+# ---- device and dtype ----------------------------------------------------------------------------
+@pytest.mark.parametrize("cuda,bf16,device,dtype,want", [
+    (False, False, None, "auto", ("cpu", "float32")),
+    (True, True, None, "auto", ("cuda", "bfloat16")),
+    (True, False, None, "auto", ("cuda", "float16")),  # a GPU without bf16
+    (True, True, "cpu", "auto", ("cpu", "float32")),
+    (True, True, "cuda:1", "float32", ("cuda:1", "float32")),  # explicit values win
+    (True, True, "auto", "auto", ("auto", "bfloat16")),
+    (False, False, "auto", "auto", ("auto", "float32")),
+    (False, False, "CPU", "bfloat16", ("cpu", "bfloat16")),
+])
+def test_device_and_dtype_defaults_follow_the_machine(monkeypatch, cuda, bf16, device, dtype, want):
+    from loraprune.cli_inputs import resolve_placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
+    placement = resolve_placement(device, dtype)
+    assert (placement.device, placement.dtype) == want
+    assert placement.device_map == ("auto" if want[0] == "auto" else None)
+
+
+def test_cuda_without_a_gpu_names_the_fix(monkeypatch, capsys, work, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = error_of(capsys, prune_argv(work, tmp_path / "o", "--device", "cuda"))
+    assert err == ("loraprune: error: --device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                   "pass --device cpu, or install a CUDA build of torch on a GPU machine\n")
+    assert not (tmp_path / "o").exists()  # refused before anything was loaded or written
+
+
+@pytest.mark.slow
+def test_prune_summary_names_device_dtype_and_checkpointing(work, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert main(prune_argv(work, out, "--device", "cpu", "--dtype", "bfloat16", "--gradient-checkpointing",
+                           steps=2)) == 0
+    printed = capsys.readouterr().out
+    assert "device / dtype" in printed and "cpu / bfloat16 / gradient checkpointing" in printed
+    report = json.loads((out / "loraprune_report.json").read_text())
+    assert (report["device"], report["dtype"], report["options"]["gradient_checkpointing"]) == ("cpu", "bfloat16", True)
+    model = loraprune.load_pruned(out)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # the default on this machine, and device_map="auto" (accelerate) for eval
+    default = "cuda:0 / bfloat16" if torch.cuda.is_available() else "cpu / float32"
+    assert main(["eval", "--model", str(out), "--data", str(work / "data" / "a.txt"), "--seq-len", "16",
+                 "--max-windows", "2", "--no-progress"]) == 0
+    assert default in capsys.readouterr().out
+    assert main(["eval", "--model", str(out), "--data", str(work / "data" / "a.txt"), "--seq-len", "16",
+                 "--max-windows", "2", "--no-progress", "--device", "auto"]) == 0
+    assert ("auto: " + ("cuda:0" if torch.cuda.is_available() else "cpu")) in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_prune_runs_on_the_gpu_in_bf16_by_default(work, tmp_path, capsys):
+    out = tmp_path / "gpu"
+    assert main(prune_argv(work, out, steps=2)) == 0
+    report = json.loads((out / "loraprune_report.json").read_text())
+    assert report["device"].startswith("cuda:") and report["dtype"] in ("bfloat16", "float16")

@@ -30,9 +30,10 @@ def test_every_field_has_help_and_prune_accepts_it():
 
 def test_run_defining_options_leave_out_only_bookkeeping():
     names = {f.name for f in dataclasses.fields(PruneConfig)}
-    # loss_chunk changes memory, not results (tests/test_loss.py)
+    # loss_chunk and gradient_checkpointing change memory, not results (tests/test_loss.py,
+    # tests/test_gradient_checkpointing.py): a run may be resumed with or without them
     assert names - set(RUN_DEFINING) == {"progress", "merge", "checkpoint_dir", "checkpoint_every", "resume",
-                                             "force_resume", "loss_chunk"}
+                                             "force_resume", "loss_chunk", "gradient_checkpointing"}
 
 
 def test_prune_takes_a_config_or_a_float_ratio_positionally():

@@ -1,0 +1,155 @@
+"""Memory of gradient checkpointing: peak RSS of a few pruning steps with and without it.
+
+SmolLM2-135M (``bench/smollm2.py``'s model and batches: windows of WikiText-2
+*valid*), ``seq_len`` 512, batch 4: long enough for the activations of the 30
+decoder layers to dominate. Each (method, checkpointing) pair runs
+:func:`loraprune.prune` for a few steps (masks updated every step) in a fresh
+process; *peak extra* = peak RSS during ``prune()`` minus the RSS with the
+model loaded (as ``bench/smollm2.py`` measures it: ``VmHWM`` after
+``clear_refs``). The per-step losses are recorded too: checkpointing must not
+change them.
+
+    python -m bench.checkpointing                     # all cases, writes results/checkpointing.json
+    python -m bench.checkpointing --methods default grad-adaptive-kd --steps 2
+    python -m bench.checkpointing --case '{"method": "default", "checkpointing": true}'   # one case, prints JSON
+    python -m bench.checkpointing --report            # the markdown table of the results file
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SEQ_LEN, BATCH, STEPS = 512, 4, 3
+#: methods of bench/smollm2.py compared here: the default, full-gradient Taylor with the default's
+#: ranking and distillation (only the criterion differs), and plain ``grad`` (the memory baseline row there).
+DEFAULT_METHODS = ("default", "grad-adaptive-kd", "grad")
+
+
+def run_case(method: str, checkpointing: bool, steps: int = STEPS, seq_len: int = SEQ_LEN,
+             batch_size: int = BATCH) -> dict:
+    """One pruning run in this process: peak extra RSS, seconds, per-step losses."""
+    import torch
+
+    import loraprune
+    from loraprune.config import PruneConfig
+
+    from .smollm2 import METHODS, _peak_mib, _reset_peak, _rss_mib, load_smollm2, train_batches
+
+    torch.set_num_threads(int(os.environ.get("LORAPRUNE_THREADS", os.cpu_count() or 1)))
+    model, tok = load_smollm2()
+    cfg = PruneConfig.from_kwargs(ratio=0.5, steps=steps, seed=0, progress=False, seq_len=seq_len,
+                                  batch_size=batch_size, prune_start=1, prune_end=steps, prune_every=1,
+                                  gradient_checkpointing=checkpointing, **METHODS[method])
+    batches = train_batches(tok, cfg.seq_len, cfg.batch_size, steps, seed=0)
+    losses = []
+    base = _rss_mib()
+    _reset_peak()
+    t0 = time.time()
+    loraprune.prune(model, batches, cfg, on_step=lambda step, pruner, loss: losses.append(loss))
+    seconds = time.time() - t0
+    peak = _peak_mib()
+    return {"method": method, "checkpointing": checkpointing, "config": cfg.to_dict(), "steps": steps,
+            "batch": [batch_size, seq_len], "peak_extra_mib": peak - base, "model_rss_mib": base,
+            "seconds": seconds, "losses": losses}
+
+
+def _subprocess(case: dict) -> dict:
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "bench.checkpointing", "--case", json.dumps(case)], cwd=root,
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"checkpointing case {case} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(results: list[dict]) -> dict:
+    """Per method: peak extra off/on and on/off; across methods: each method over ``grad*`` at equal checkpointing."""
+    by = {(r["method"], r["checkpointing"]): r for r in results}
+    methods = sorted({r["method"] for r in results}, key=lambda m: list(DEFAULT_METHODS).index(m)
+                     if m in DEFAULT_METHODS else 99)
+    per_method = {}
+    for m in methods:
+        off, on = by.get((m, False)), by.get((m, True))
+        row = {"off_mib": off and off["peak_extra_mib"], "on_mib": on and on["peak_extra_mib"]}
+        if off and on:
+            row["on_over_off"] = on["peak_extra_mib"] / off["peak_extra_mib"]
+            row["same_losses"] = off["losses"] == on["losses"]
+            row["max_loss_diff"] = max(abs(a - b) for a, b in zip(off["losses"], on["losses"]))
+            row["seconds_on_over_off"] = on["seconds"] / off["seconds"]
+        per_method[m] = row
+    versus = {}
+    for base in ("grad-adaptive-kd", "grad"):
+        for ckpt in (False, True):
+            d, g = by.get(("default", ckpt)), by.get((base, ckpt))
+            if d and g:
+                versus[f"default/{base}" + (" (checkpointing)" if ckpt else "")] = d["peak_extra_mib"] / g["peak_extra_mib"]
+    return {"per_method": per_method, "default_over_grad": versus}
+
+
+def markdown(payload: dict) -> str:
+    rows = ["| method | peak extra MiB, plain | peak extra MiB, checkpointing | checkpointing / plain | same losses | "
+            "time checkpointing / plain |", "|---|---|---|---|---|---|"]
+    for m, r in payload["summary"]["per_method"].items():
+        if r["off_mib"] is None or r["on_mib"] is None:
+            continue
+        rows.append(f"| {m} | {r['off_mib']:.0f} | {r['on_mib']:.0f} | {r.get('on_over_off', float('nan')):.2f} | "
+                    f"{'yes' if r.get('same_losses') else 'no (max diff %.2g)' % r.get('max_loss_diff', float('nan'))} | "
+                    f"{r.get('seconds_on_over_off', float('nan')):.2f} |")
+    rows.append("")
+    rows += [f"- {k}: {v:.2f}×" for k, v in payload["summary"]["default_over_grad"].items()]
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--case", default=None, help="run one case (JSON: method, checkpointing) and print its JSON")
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="methods of bench/smollm2.py")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "checkpointing.json"))
+    ap.add_argument("--report", action="store_true", help="print the markdown table of --out and exit")
+    args = ap.parse_args(argv)
+    if args.report:
+        from .common import read_json
+
+        print(markdown(read_json(Path(args.out))))
+        return 0
+    if args.case:
+        case = json.loads(args.case)
+        print(json.dumps(run_case(case["method"], case["checkpointing"], case.get("steps", args.steps))))
+        return 0
+    from .common import read_json, result_payload, write_json
+
+    out = Path(args.out)
+    settings = {"model": "SmolLM2-135M (fp32, CPU)", "seq_len": SEQ_LEN, "batch_size": BATCH, "steps": args.steps,
+                "ratio": 0.5, "method": "peak RSS (VmHWM after clear_refs) during prune() minus RSS with the model "
+                                        "loaded; one process per case"}
+
+    def payload_of(results):
+        payload = result_payload("checkpointing", settings, {"cases": results})
+        payload["summary"] = summarize(results)
+        return payload
+
+    # cases already in the results file (same steps) are kept: a cut run resumes where it stopped
+    results = [r for r in (read_json(out)["cases"] if out.is_file() else []) if r["steps"] == args.steps]
+    for method in args.methods:
+        for ckpt in (False, True):
+            if any(r["method"] == method and r["checkpointing"] == ckpt for r in results):
+                continue
+            res = _subprocess({"method": method, "checkpointing": ckpt, "steps": args.steps})
+            results.append(res)
+            print(f"checkpointing: {method} {'on ' if ckpt else 'off'}: peak extra {res['peak_extra_mib']:.0f} MiB, "
+                  f"{res['seconds']:.0f} s, losses {[round(x, 4) for x in res['losses']]}", flush=True)
+            write_json(out, payload_of(results))  # after every case
+    print(markdown(payload_of(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
