@@ -45,7 +45,16 @@ METHODS: dict[str, dict] = {
     "lora-adaptive-kd": dict(criterion="lora", ranking="adaptive", distill=0.5, normalize=None),
     "magnitude": dict(criterion="magnitude", ranking="layer", distill=0.0),
     "random": dict(criterion="random", ranking="layer", distill=0.0),
+    # FLAP / Wanda-sp scores (the one-shot formulas, on the training forwards' activations and
+    # W + s·B·A) deciding the masks in the first fifth of the run, the rest recovery in the default
+    # loop (distillation 0.5). Layer ranking as their one-shot rows: FLAP's scores are standardised
+    # per layer (z-scores, often negative), which adaptive ranking's score-per-parameter cannot compare.
+    "flap-rec": dict(criterion="flap", ranking="layer", prune_start=0, prune_end=0.2),
+    "wanda-sp-rec": dict(criterion="wanda-sp", ranking="layer", prune_start=0, prune_end=0.2),
 }
+#: One-shot baselines without recovery (loraprune.oneshot_prune), calibrated on the same batches
+#: the other methods train on (steps x batch_size x seq_len tokens), layer ranking.
+ONESHOT = ("flap", "wanda-sp")
 EVALS = {  # name -> (file under the data folder, window, number of evenly spaced windows)
     "wikitext2@512": ("wikitext-2/test.txt", 512, 16),
     "ptb@512": ("ptb/test.txt", 512, 16),
@@ -157,7 +166,7 @@ def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: 
 
     torch.set_num_threads(int(os.environ.get("LORAPRUNE_THREADS", os.cpu_count() or 1)))
     model, tok = load_smollm2()
-    overrides = dict(METHODS[method])
+    overrides = dict(METHODS.get(method, {}))
     overrides.update(extra)
     from loraprune.config import PruneConfig
 
@@ -167,12 +176,17 @@ def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: 
     base_rss = _rss_mib()
     _reset_peak()
     t0 = time.time()
-    pruned = loraprune.prune(model, batches, cfg)
+    if method in ONESHOT:
+        pruned = loraprune.oneshot_prune(model, batches, ratio, method=method, calib_batches=len(batches),
+                                         seq_len=cfg.seq_len, batch_size=cfg.batch_size, ranking="layer", seed=seed)
+    else:
+        pruned = loraprune.prune(model, batches, cfg)
     seconds = time.time() - t0
     peak = _peak_mib()
     rep = pruned.config.loraprune
     rec = {
-        "method": method, "ratio": ratio, "steps": steps, "seed": seed, "config": cfg.to_dict(),
+        "method": method, "ratio": ratio, "steps": steps, "seed": seed,
+        "config": rep["settings"] if method in ONESHOT else cfg.to_dict(),
         "achieved_ratio": rep["achieved_ratio"], "seconds": seconds,
         "peak_extra_mib": peak - base_rss, "model_rss_mib": base_rss,
         "ppl": evaluate(pruned, windows),
@@ -234,7 +248,8 @@ def _parse_extra(items: list[str]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.smollm2", description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["run", "all", "dense", "report"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS) + list(ONESHOT),
+                   choices=list(METHODS) + list(ONESHOT))
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
