@@ -16,6 +16,12 @@ when re-run (resume after a cut). ``report`` prints the table as markdown.
 
     python -m bench.smollm2 all --ratios 0.2 0.5 --steps 40
     python -m bench.smollm2 report
+    python -m bench.smollm2 plot      # results/smollm2/ppl_vs_ratio.png
+
+``flap`` / ``wanda-sp`` are the one-shot baselines without recovery
+(:func:`loraprune.oneshot_prune`, calibrated on the same batches the other
+methods train on); ``flap-rec`` / ``wanda-sp-rec`` use the same scores as
+criteria of the default training loop (see ``METHODS``).
 """
 from __future__ import annotations
 
@@ -220,18 +226,71 @@ def key(method: str, ratio: float, steps: int, seed: int, extra: dict) -> str:
     return f"{method}@{ratio:g}-s{steps}-seed{seed}{tail}"
 
 
-def report(out_dir: Path) -> str:
+def load_runs(out_dir: Path) -> tuple[dict, dict]:
+    """``(dense ppl, {(method, ratio, steps): [run records, one per seed]})``."""
     d = json.loads((out_dir / "dense.json").read_text())["ppl"]
-    runs = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+    groups: dict = {}
+    for p in sorted((out_dir / "runs").glob("*.json")):
+        r = json.loads(p.read_text())
+        groups.setdefault((r["method"], r["ratio"], r["steps"]), []).append(r)
+    return d, groups
+
+
+def _mean_spread(xs: list[float], fmt: str) -> str:
+    """``mean`` or ``mean ± half the range`` (two or more seeds)."""
+    m = sum(xs) / len(xs)
+    return format(m, fmt) if len(xs) < 2 else f"{m:{fmt}} ± {(max(xs) - min(xs)) / 2:{fmt}}"
+
+
+def report(out_dir: Path) -> str:
+    """Markdown table: one row per method and ratio, mean (± half range) over the seeds run."""
+    d, groups = load_runs(out_dir)
     names = list(EVALS)
-    lines = ["| method | ratio | steps | " + " | ".join(names) + " | reached | peak extra MiB | minutes |",
+    lines = ["| method | ratio | seeds | " + " | ".join(names) + " | reached | peak extra MiB | minutes |",
              "|---|---|---|" + "---|" * (len(names) + 3),
              "| dense | 0 | - | " + " | ".join(f"{d[n]:.2f}" for n in names) + " | 0 | - | - |"]
-    for r in sorted(runs, key=lambda r: (r["ratio"], r["steps"], r["method"])):
-        cells = [f"{r['ppl'][n]:.2f} ({r['ppl'][n] / d[n]:.2f}×)" for n in names]
-        lines.append(f"| {r['method']} | {r['ratio']:g} | {r['steps']} | " + " | ".join(cells)
-                     + f" | {r['achieved_ratio']:.4f} | {r['peak_extra_mib']:.0f} | {r['seconds'] / 60:.1f} |")
+    for (method, ratio, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        label = f"{method} (one-shot, no recovery)" if method in ONESHOT else method
+        cells = [f"{_mean_spread([r['ppl'][n] for r in rs], '.2f')} "
+                 f"({_mean_spread([r['ppl'][n] / d[n] for r in rs], '.2f')}×)" for n in names]
+        seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
+        lines.append(f"| {label} | {ratio:g} | {seeds} | " + " | ".join(cells)
+                     + f" | {sum(r['achieved_ratio'] for r in rs) / len(rs):.4f}"
+                     + f" | {max(r['peak_extra_mib'] for r in rs):.0f}"
+                     + f" | {_mean_spread([r['seconds'] / 60 for r in rs], '.1f')} |")
     return "\n".join(lines)
+
+
+def plot(out_dir: Path, eval_name: str = "wikitext2@512") -> Path:
+    """``ppl_vs_ratio.png``: perplexity / dense against the removed ratio, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d, groups = load_runs(out_dir)
+    by_method: dict = {}
+    for (method, ratio, _), rs in groups.items():
+        ys = [r["ppl"][eval_name] / d[eval_name] for r in rs]
+        by_method.setdefault(method, []).append((ratio, sum(ys) / len(ys), min(ys), max(ys)))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for method, pts in sorted(by_method.items()):
+        pts = [(0.0, 1.0, 1.0, 1.0)] + sorted(pts)
+        xs, ys, lo, hi = zip(*pts)
+        style = "--" if method in ONESHOT else "-"
+        ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
+                    ls=style, marker="o", capsize=3, label=method)
+    ax.set_yscale("log")
+    ax.set(xlabel="removed share of decoder-projection parameters", ylabel=f"perplexity / dense ({eval_name})",
+           title="SmolLM2-135M: 30 steps x 4 x 128 tokens of WikiText-2 valid (dashed: one-shot, no recovery)")
+    ax.title.set_fontsize(9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    path = out_dir / "ppl_vs_ratio.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _parse_extra(items: list[str]) -> dict:
@@ -247,7 +306,7 @@ def _parse_extra(items: list[str]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.smollm2", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["run", "all", "dense", "report"])
+    p.add_argument("what", choices=["run", "all", "dense", "report", "plot"])
     p.add_argument("--methods", nargs="+", default=list(METHODS) + list(ONESHOT),
                    choices=list(METHODS) + list(ONESHOT))
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
@@ -262,6 +321,9 @@ def main(argv=None) -> int:
         return 0
     if a.what == "report":
         print(report(a.out))
+        return 0
+    if a.what == "plot":
+        print(plot(a.out))
         return 0
     if a.what == "run":  # one run, in this process (called by 'all' in a fresh process each)
         m, r, s = a.methods[0], a.ratios[0], a.seeds[0]
