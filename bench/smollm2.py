@@ -16,6 +16,12 @@ when re-run (resume after a cut). ``report`` prints the table as markdown.
 
     python -m bench.smollm2 all --ratios 0.2 0.5 --steps 40
     python -m bench.smollm2 report
+    python -m bench.smollm2 plot      # results/smollm2/ppl_vs_ratio.png
+
+``flap`` / ``wanda-sp`` are the one-shot baselines without recovery
+(:func:`loraprune.oneshot_prune`, calibrated on the same batches the other
+methods train on); ``flap-rec`` / ``wanda-sp-rec`` use the same scores as
+criteria of the default training loop (see ``METHODS``).
 """
 from __future__ import annotations
 
@@ -45,7 +51,16 @@ METHODS: dict[str, dict] = {
     "lora-adaptive-kd": dict(criterion="lora", ranking="adaptive", distill=0.5, normalize=None),
     "magnitude": dict(criterion="magnitude", ranking="layer", distill=0.0),
     "random": dict(criterion="random", ranking="layer", distill=0.0),
+    # FLAP / Wanda-sp scores (the one-shot formulas, on the training forwards' activations and
+    # W + s·B·A) deciding the masks in the first fifth of the run, the rest recovery in the default
+    # loop (distillation 0.5). Layer ranking as their one-shot rows: FLAP's scores are standardised
+    # per layer (z-scores, often negative), which adaptive ranking's score-per-parameter cannot compare.
+    "flap-rec": dict(criterion="flap", ranking="layer", prune_start=0, prune_end=0.2),
+    "wanda-sp-rec": dict(criterion="wanda-sp", ranking="layer", prune_start=0, prune_end=0.2),
 }
+#: One-shot baselines without recovery (loraprune.oneshot_prune), calibrated on the same batches
+#: the other methods train on (steps x batch_size x seq_len tokens), layer ranking.
+ONESHOT = ("flap", "wanda-sp")
 EVALS = {  # name -> (file under the data folder, window, number of evenly spaced windows)
     "wikitext2@512": ("wikitext-2/test.txt", 512, 16),
     "ptb@512": ("ptb/test.txt", 512, 16),
@@ -157,7 +172,7 @@ def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: 
 
     torch.set_num_threads(int(os.environ.get("LORAPRUNE_THREADS", os.cpu_count() or 1)))
     model, tok = load_smollm2()
-    overrides = dict(METHODS[method])
+    overrides = dict(METHODS.get(method, {}))
     overrides.update(extra)
     from loraprune.config import PruneConfig
 
@@ -167,12 +182,17 @@ def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: 
     base_rss = _rss_mib()
     _reset_peak()
     t0 = time.time()
-    pruned = loraprune.prune(model, batches, cfg)
+    if method in ONESHOT:
+        pruned = loraprune.oneshot_prune(model, batches, ratio, method=method, calib_batches=len(batches),
+                                         seq_len=cfg.seq_len, batch_size=cfg.batch_size, ranking="layer", seed=seed)
+    else:
+        pruned = loraprune.prune(model, batches, cfg)
     seconds = time.time() - t0
     peak = _peak_mib()
     rep = pruned.config.loraprune
     rec = {
-        "method": method, "ratio": ratio, "steps": steps, "seed": seed, "config": cfg.to_dict(),
+        "method": method, "ratio": ratio, "steps": steps, "seed": seed,
+        "config": rep["settings"] if method in ONESHOT else cfg.to_dict(),
         "achieved_ratio": rep["achieved_ratio"], "seconds": seconds,
         "peak_extra_mib": peak - base_rss, "model_rss_mib": base_rss,
         "ppl": evaluate(pruned, windows),
@@ -206,18 +226,71 @@ def key(method: str, ratio: float, steps: int, seed: int, extra: dict) -> str:
     return f"{method}@{ratio:g}-s{steps}-seed{seed}{tail}"
 
 
-def report(out_dir: Path) -> str:
+def load_runs(out_dir: Path) -> tuple[dict, dict]:
+    """``(dense ppl, {(method, ratio, steps): [run records, one per seed]})``."""
     d = json.loads((out_dir / "dense.json").read_text())["ppl"]
-    runs = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+    groups: dict = {}
+    for p in sorted((out_dir / "runs").glob("*.json")):
+        r = json.loads(p.read_text())
+        groups.setdefault((r["method"], r["ratio"], r["steps"]), []).append(r)
+    return d, groups
+
+
+def _mean_spread(xs: list[float], fmt: str) -> str:
+    """``mean`` or ``mean ± half the range`` (two or more seeds)."""
+    m = sum(xs) / len(xs)
+    return format(m, fmt) if len(xs) < 2 else f"{m:{fmt}} ± {(max(xs) - min(xs)) / 2:{fmt}}"
+
+
+def report(out_dir: Path) -> str:
+    """Markdown table: one row per method and ratio, mean (± half range) over the seeds run."""
+    d, groups = load_runs(out_dir)
     names = list(EVALS)
-    lines = ["| method | ratio | steps | " + " | ".join(names) + " | reached | peak extra MiB | minutes |",
+    lines = ["| method | ratio | seeds | " + " | ".join(names) + " | reached | peak extra MiB | minutes |",
              "|---|---|---|" + "---|" * (len(names) + 3),
              "| dense | 0 | - | " + " | ".join(f"{d[n]:.2f}" for n in names) + " | 0 | - | - |"]
-    for r in sorted(runs, key=lambda r: (r["ratio"], r["steps"], r["method"])):
-        cells = [f"{r['ppl'][n]:.2f} ({r['ppl'][n] / d[n]:.2f}×)" for n in names]
-        lines.append(f"| {r['method']} | {r['ratio']:g} | {r['steps']} | " + " | ".join(cells)
-                     + f" | {r['achieved_ratio']:.4f} | {r['peak_extra_mib']:.0f} | {r['seconds'] / 60:.1f} |")
+    for (method, ratio, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        label = f"{method} (one-shot, no recovery)" if method in ONESHOT else method
+        cells = [f"{_mean_spread([r['ppl'][n] for r in rs], '.2f')} "
+                 f"({_mean_spread([r['ppl'][n] / d[n] for r in rs], '.2f')}×)" for n in names]
+        seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
+        lines.append(f"| {label} | {ratio:g} | {seeds} | " + " | ".join(cells)
+                     + f" | {sum(r['achieved_ratio'] for r in rs) / len(rs):.4f}"
+                     + f" | {max(r['peak_extra_mib'] for r in rs):.0f}"
+                     + f" | {_mean_spread([r['seconds'] / 60 for r in rs], '.1f')} |")
     return "\n".join(lines)
+
+
+def plot(out_dir: Path, eval_name: str = "wikitext2@512") -> Path:
+    """``ppl_vs_ratio.png``: perplexity / dense against the removed ratio, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d, groups = load_runs(out_dir)
+    by_method: dict = {}
+    for (method, ratio, _), rs in groups.items():
+        ys = [r["ppl"][eval_name] / d[eval_name] for r in rs]
+        by_method.setdefault(method, []).append((ratio, sum(ys) / len(ys), min(ys), max(ys)))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for method, pts in sorted(by_method.items()):
+        pts = [(0.0, 1.0, 1.0, 1.0)] + sorted(pts)
+        xs, ys, lo, hi = zip(*pts)
+        style = "--" if method in ONESHOT else "-"
+        ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
+                    ls=style, marker="o", capsize=3, label=method)
+    ax.set_yscale("log")
+    ax.set(xlabel="removed share of decoder-projection parameters", ylabel=f"perplexity / dense ({eval_name})",
+           title="SmolLM2-135M: 30 steps x 4 x 128 tokens of WikiText-2 valid (dashed: one-shot, no recovery)")
+    ax.title.set_fontsize(9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    path = out_dir / "ppl_vs_ratio.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _parse_extra(items: list[str]) -> dict:
@@ -233,8 +306,9 @@ def _parse_extra(items: list[str]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.smollm2", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["run", "all", "dense", "report"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("what", choices=["run", "all", "dense", "report", "plot"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS) + list(ONESHOT),
+                   choices=list(METHODS) + list(ONESHOT))
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -247,6 +321,9 @@ def main(argv=None) -> int:
         return 0
     if a.what == "report":
         print(report(a.out))
+        return 0
+    if a.what == "plot":
+        print(plot(a.out))
         return 0
     if a.what == "run":  # one run, in this process (called by 'all' in a fresh process each)
         m, r, s = a.methods[0], a.ratios[0], a.seeds[0]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from .errors import ConfigError
 
 #: Names accepted by ``criterion``; the classes live in :mod:`loraprune.criterion`.
-CRITERION_NAMES = ("lora", "grad", "magnitude", "random", "fisher", "taylor")
+CRITERION_NAMES = ("lora", "grad", "magnitude", "random", "fisher", "taylor", "flap", "wanda-sp")
 NORMALIZE = (None, "module", "l2")
 RANKINGS = ("layer", "global", "adaptive")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -53,7 +53,9 @@ class PruneConfig:
     criterion: str = _opt("fisher", "importance criterion: lora (paper Eq. 10, from LoRA gradients only), grad "
                                   "(full-gradient Taylor, needs the weight gradient: the memory baseline), fisher "
                                   "(per-sequence squared mask gradient of each whole group, from activations), taylor "
-                                  "(its absolute batch sum), magnitude, random", choices=CRITERION_NAMES)
+                                  "(its absolute batch sum), magnitude, random, flap / wanda-sp (the one-shot baselines' "
+                                  "activation scores of o_proj/down_proj inputs, from the training forwards)",
+                                  choices=CRITERION_NAMES)
     square: bool = _opt(False, "square the element score (the paper's formula) instead of the absolute value "
                                "(the official code's choice)")
     normalize: str | None = _opt(None, "per-projection normalisation of group scores before q/k/v/o (gate/up/down) "

@@ -33,6 +33,10 @@ activation-sized temporaries, never a weight-sized one, and see input-side
 groups (o_proj/down_proj columns) that the LoRA estimate sees poorly while B is
 small.
 
+Activation criteria (``flap``, ``wanda-sp``) apply the one-shot baselines'
+formulas (:mod:`loraprune.oneshot`) to the inputs of o_proj / down_proj seen
+in the training forwards and the merged weights: no backward needed.
+
 ``random`` draws seeded group scores once.
 """
 from __future__ import annotations
@@ -357,6 +361,97 @@ class MaskGradientImportance(Importance):
         return f"MaskGradientImportance(reduce={self.reduce!r})"
 
 
+class ActivationImportance(Importance):
+    """FLAP or Wanda-sp group scores, from the activations of the training forwards.
+
+    The one-shot formulas of :mod:`loraprune.oneshot` (:class:`~loraprune.oneshot.InputStats`,
+    :func:`~loraprune.oneshot.layer_scores`), computed with the current merged
+    weight ``W' = W + s·B·A`` of o_proj / down_proj and the statistics of their
+    inputs over the tokens of this step's training forwards (forward pre-hooks;
+    gradient accumulation merges the micro-batches). ``method="flap"``:
+    ``Var(X_j)·||W'[:, j]||²`` per column, summed per group and standardised per
+    layer and kind; ``"wanda-sp"``: ``||X_j||₂·Σ_i |W'[i, j]|``. No backward is
+    needed. Forwards without gradients (the distillation teacher, evaluation)
+    are not counted. FLAP's bias compensation does not apply here: the removed
+    features are not replaced by their mean, LoRA training recovers instead.
+
+    Groups are read from each weight's width (``q_per_kv * head_dim`` o_proj
+    columns per KV group, one down_proj column per channel), so a layer that
+    has already been narrowed yields the scores of the groups it still has.
+    """
+
+    needs_backward = False
+
+    def __init__(self, method: str = "flap"):
+        if method not in ("flap", "wanda-sp"):
+            raise ConfigError(f"method must be 'flap' or 'wanda-sp', got {method!r}")
+        self.method = method
+        self.name = method
+        self._handles = []
+        self._stats: list[list] = []  # per layer: [o_proj input stats, down_proj input stats] (None: no token yet)
+
+    def attach(self, pruner):
+        s = pruner.spec
+        self._stats = [[None, None] for _ in pruner.layers]
+        for i, mods in enumerate(pruner.modules):
+            for slot, name in enumerate((s.o, s.down)):
+                self._handles.append(mods[name].register_forward_pre_hook(self._hook(i, slot)))
+
+    def detach(self, pruner):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, i: int, slot: int):
+        from .oneshot import InputStats
+
+        def pre_hook(module, args):
+            if not torch.is_grad_enabled() or getattr(module, "bypass", False):
+                return  # the teacher's or an evaluation forward
+            x = args[0]
+            st = self._stats[i][slot]
+            if st is None or st.mean.numel() != x.shape[-1]:  # first tokens, or the layer was narrowed
+                st = self._stats[i][slot] = InputStats(x.shape[-1])
+            st.update(x)
+        return pre_hook
+
+    @torch.no_grad()
+    def scores(self, pruner):
+        from .oneshot import layer_scores
+
+        if any(st is None for pair in self._stats for st in pair):
+            return None  # no training forward reached every layer this step
+        s = pruner.spec
+        attn, mlp = [], []
+        for lg, mods, (o_st, d_st) in zip(pruner.layers, pruner.modules, self._stats):
+            a, m = layer_scores(_merged_weight(mods[s.o]), o_st, _merged_weight(mods[s.down]), d_st,
+                                lg.q_per_kv * lg.head_dim, self.method)
+            attn.append(a)
+            mlp.append(m)
+        self.clear(pruner)
+        return attn, mlp
+
+    def synchronize(self, pruner):
+        """Data parallel: every rank would need the statistics of the global batch; not implemented."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ConfigError(f"criterion={self.method!r} gathers activation statistics per process and does not "
+                              "combine them across data-parallel ranks; use fisher, taylor, lora or grad there")
+
+    def clear(self, pruner):
+        self._stats = [[None, None] for _ in self._stats]
+
+    def __repr__(self) -> str:
+        return f"ActivationImportance(method={self.method!r})"
+
+
+def _merged_weight(module: LoRALinear) -> torch.Tensor:
+    """``W + s·B·A`` of one LoRA projection, fp32 (a weight-sized temporary)."""
+    return torch.addmm(module.base.weight.detach().float(), module.lora_B.detach(), module.lora_A.detach(),
+                       alpha=module.scaling)
+
+
 REGISTRY: dict[str, type[Importance]] = {
     "lora": LoRAImportance,
     "grad": GradImportance,
@@ -364,6 +459,8 @@ REGISTRY: dict[str, type[Importance]] = {
     "random": RandomImportance,
     "fisher": MaskGradientImportance,
     "taylor": MaskGradientImportance,
+    "flap": ActivationImportance,
+    "wanda-sp": ActivationImportance,
 }
 assert set(REGISTRY) == set(CRITERION_NAMES), "config.CRITERION_NAMES and criterion.REGISTRY must agree"
 
@@ -379,6 +476,8 @@ def make_importance(config) -> Importance:
         return cls(seed=config.seed)
     if cls is MaskGradientImportance:
         return cls(reduce=config.criterion)
+    if cls is ActivationImportance:
+        return cls(method=config.criterion)
     return cls()
 
 

@@ -68,7 +68,11 @@ class InputStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
+        """Merge the tokens of ``x`` (``... x n_features``). The statistics move to the
+        device of the first tensor they see, so a GPU run never waits on a copy."""
+        if self.count == 0 and self.mean.device != x.device:
+            self.mean, self.m2, self.sumsq = (t.to(x.device) for t in (self.mean, self.m2, self.sumsq))
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.mean.device, dtype=torch.float64)
         n = x.shape[0]
         if n == 0:
             return
@@ -124,8 +128,8 @@ def collect_input_stats(model: nn.Module, batches, spec=None) -> list[tuple[Inpu
 
 
 def column_scores(weight: torch.Tensor, stats: InputStats, method: str) -> torch.Tensor:
-    """Score of each input column of an output projection (``o_proj`` / ``down_proj``)."""
-    W = weight.detach().to(device="cpu", dtype=torch.float64)
+    """Score of each input column of an output projection (``o_proj`` / ``down_proj``), float64."""
+    W = weight.detach().to(device=stats.mean.device, dtype=torch.float64)
     if method == "flap":
         return stats.variance * W.pow(2).sum(0)
     if method == "wanda-sp":
@@ -143,18 +147,33 @@ def standardize(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / std
 
 
+def layer_scores(o_weight: torch.Tensor, o_stats: InputStats, down_weight: torch.Tensor, d_stats: InputStats,
+                 width: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's ``(attention group scores, MLP channel scores)``, float32.
+
+    The o_proj column scores are summed over blocks of ``width`` consecutive
+    columns (``q_per_kv * head_dim``: the columns one KV group owns), so the
+    number of groups is read from the weight, not assumed: a layer already
+    narrowed gets the scores of the groups it still has. A down_proj column
+    is one channel. FLAP then standardises each kind within the layer.
+    """
+    a = column_scores(o_weight, o_stats, method).view(-1, width).sum(1)
+    m = column_scores(down_weight, d_stats, method)
+    if method == "flap":
+        a, m = standardize(a), standardize(m)
+    return a.float(), m.float()
+
+
 def group_scores(model, layers: list[LayerGroups], stats, method: str, spec=None) -> tuple[list, list]:
     """Per-layer attention-group and MLP-channel scores (float32, as the pruning state keeps them)."""
     spec = spec or arch_for(model)
     attn, mlp = [], []
     for layer, lg, (o_stats, d_stats) in zip(decoder_layers(model, spec), layers, stats):
         proj = layer_projections(layer, spec)
-        a = column_scores(proj[spec.o].weight, o_stats, method).view(lg.n_kv, -1).sum(1)
-        m = column_scores(proj[spec.down].weight, d_stats, method)
-        if method == "flap":
-            a, m = standardize(a), standardize(m)
-        attn.append(a.float())
-        mlp.append(m.float())
+        a, m = layer_scores(proj[spec.o].weight, o_stats, proj[spec.down].weight, d_stats,
+                            lg.q_per_kv * lg.head_dim, method)
+        attn.append(a.cpu())
+        mlp.append(m.cpu())
     return attn, mlp
 
 
@@ -171,7 +190,8 @@ def compensation_biases(model, layers, masks, stats, spec=None) -> list[tuple[to
         o_removed, d_removed = (_removed(proj[name].weight.shape[1], slices[name][1]) for name in (spec.o, spec.down))
         pair = []
         for module, removed, st in ((proj[spec.o], o_removed, o_stats), (proj[spec.down], d_removed, d_stats)):
-            W = module.weight.detach().to(device="cpu", dtype=torch.float64)
+            W = module.weight.detach().to(device=st.mean.device, dtype=torch.float64)
+            removed = removed.to(st.mean.device)
             pair.append(W[:, removed] @ st.mean[removed])
         out.append(tuple(pair))
     return out
