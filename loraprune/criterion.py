@@ -447,9 +447,11 @@ class ActivationImportance(Importance):
 
 
 def _merged_weight(module: LoRALinear) -> torch.Tensor:
-    """``W + s·B·A`` of one LoRA projection, fp32 (a weight-sized temporary)."""
-    return torch.addmm(module.base.weight.detach().float(), module.lora_B.detach(), module.lora_A.detach(),
-                       alpha=module.scaling)
+    """``W + s·B·A`` of the input columns one LoRA projection still computes on, fp32 (a
+    weight-sized temporary). Under progressive compaction that is the kept prefix."""
+    cols = module.live_in if module.live_in is not None else module.in_features
+    return torch.addmm(module.base.weight.detach()[:, :cols].float(), module.lora_B.detach(),
+                       module.lora_A.detach()[:, :cols], alpha=module.scaling)
 
 
 REGISTRY: dict[str, type[Importance]] = {

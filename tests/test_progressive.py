@@ -141,3 +141,10 @@ def test_order_helpers_against_closed_forms():
     assert now[rel].tolist() == target.tolist()
     assert relative(now, now) is None
     assert to_original(torch.tensor([5.0, 6.0]), now).tolist() == [5.0, 0.0, 6.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("criterion", ["flap", "wanda-sp"])
+def test_activation_criteria_score_the_narrowed_layers(criterion):
+    out = _run("llama", True, criterion=criterion, ranking="layer")
+    report = out.config.loraprune
+    assert abs(report["achieved_ratio"] - RUN["ratio"]) < 0.05
