@@ -66,6 +66,20 @@ def hand_loop(data, batch, **kw):
     return pruner
 
 
+def drive_callback(cb, model, opt, args, state, data, rank):
+    """Trainer's event order for this rank's share of each global batch, driven by hand (for the
+    two-rank workers): backward, on_pre_optimizer_step, step, zero_grad, on_step_end."""
+    for step in range(1, STEPS + 1):
+        chunk = data[(step - 1) * 2 * BATCH + rank * BATCH:][:BATCH]
+        ids = torch.stack([r["input_ids"] for r in chunk])
+        model(input_ids=ids, labels=ids).loss.backward()
+        cb.on_pre_optimizer_step(args, state, None, model=model, optimizer=opt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.global_step = step
+        cb.on_step_end(args, state, None)
+
+
 def assert_same_run(a: LoRAPruner, b: LoRAPruner, atol=1e-5):
     assert a.state.masks.to_dict() == b.state.masks.to_dict()
     assert a.state.masks.kept_kv() != [lg.n_kv for lg in a.layers]  # something was pruned
@@ -211,16 +225,7 @@ FSDP_WORKER = textwrap.dedent(
     args = T.trainer_args(out)
     state = type("State", (), {{"global_step": 0, "max_steps": T.STEPS}})()
     data = T.rows(T.STEPS * T.BATCH * 2)
-    # Trainer's event order, driven by hand: backward, on_pre_optimizer_step, step, zero_grad, on_step_end
-    for step in range(1, T.STEPS + 1):
-        chunk = data[(step - 1) * 2 * T.BATCH + rank * T.BATCH:][: T.BATCH]
-        ids = torch.stack([r["input_ids"] for r in chunk])
-        model(input_ids=ids, labels=ids).loss.backward()
-        cb.on_pre_optimizer_step(args, state, None, model=model, optimizer=opt)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state.global_step = step
-        cb.on_step_end(args, state, None)
+    T.drive_callback(cb, model, opt, args, state, data, rank)
     with FSDP.summon_full_params(model):
         tensors = {{f"lora.{{i}}": p.detach().clone() for i, p in enumerate(pruner.lora_parameters())}}
     tensors.update({{k: v.to(torch.uint8) if v.dtype == torch.bool else v for k, v in pruner.state.tensors().items()}})

@@ -40,16 +40,7 @@ FSDP2_WORKER = textwrap.dedent(
     state = type("State", (), {{"global_step": 0, "max_steps": T.STEPS}})()
     cb.on_train_begin(args, state, None, model=model, optimizer=opt)
     data = T.rows(T.STEPS * T.BATCH * 2)
-    # Trainer's event order, driven by hand: backward, on_pre_optimizer_step, step, zero_grad, on_step_end
-    for step in range(1, T.STEPS + 1):
-        chunk = data[(step - 1) * 2 * T.BATCH + rank * T.BATCH:][: T.BATCH]
-        ids = torch.stack([r["input_ids"] for r in chunk])
-        model(input_ids=ids, labels=ids).loss.backward()
-        cb.on_pre_optimizer_step(args, state, None, model=model, optimizer=opt)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state.global_step = step
-        cb.on_step_end(args, state, None)
+    T.drive_callback(cb, model, opt, args, state, data, rank)
     tensors = {{f"lora.{{i}}": full(p).detach().clone() for i, p in enumerate(pruner.lora_parameters())}}
     tensors.update({{k: v.to(torch.uint8) if v.dtype == torch.bool else v for k, v in pruner.state.tensors().items()}})
     small = cb.finalize()  # collective: the small model on rank 0, None elsewhere
