@@ -1,16 +1,25 @@
-"""Memory of gradient checkpointing: peak RSS of a few pruning steps with and without it.
+"""Memory of a few pruning steps per method, with and without gradient checkpointing.
 
 SmolLM2-135M (``bench/smollm2.py``'s model and batches: windows of WikiText-2
-*valid*), ``seq_len`` 512, batch 4: long enough for the activations of the 30
-decoder layers to dominate. Each (method, checkpointing) pair runs
-:func:`loraprune.prune` for a few steps (masks updated every step) in a fresh
-process; *peak extra* = peak RSS during ``prune()`` minus the RSS with the
-model loaded (as ``bench/smollm2.py`` measures it: ``VmHWM`` after
-``clear_refs``). The per-step losses are recorded too: checkpointing must not
-change them.
+*valid*), batch 4, ``--seq-len`` 512 (long enough for the activations of the 30
+decoder layers to dominate) or 128 (the SmolLM2 table's setting). Each
+(method, checkpointing) pair runs :func:`loraprune.prune` for a few steps
+(masks updated every step) in a fresh process. Two probes (``--probe``):
+
+- ``tensors``: the peak of the tensor bytes the allocator handed out during
+  ``prune()``, above what was live before (:func:`bench.memory.tensor_peak`;
+  on a GPU this is ``torch.cuda.max_memory_allocated``). The memory a method
+  needs.
+- ``rss``: peak RSS during ``prune()`` minus the RSS with the model loaded (as
+  ``bench/smollm2.py`` measures it: ``VmHWM`` after ``clear_refs``). Adds what
+  glibc keeps of freed blocks and non-tensor memory; on this machine it ends
+  2-5x above the tensor peak, in a way that depends on allocation order.
+
+The per-step losses are recorded too: checkpointing must not change them.
 
     python -m bench.checkpointing                     # all cases, writes results/checkpointing.json
     python -m bench.checkpointing --methods default grad-adaptive-kd --steps 2
+    python -m bench.checkpointing --probe tensors --seq-len 128 --steps 2 --out bench/results/memory_tensors.json
     python -m bench.checkpointing --case '{"method": "default", "checkpointing": true}'   # one case, prints JSON
     python -m bench.checkpointing --report            # the markdown table of the results file
 """
@@ -31,8 +40,8 @@ DEFAULT_METHODS = ("default", "grad-adaptive-kd", "grad")
 
 
 def run_case(method: str, checkpointing: bool, steps: int = STEPS, seq_len: int = SEQ_LEN,
-             batch_size: int = BATCH) -> dict:
-    """One pruning run in this process: peak extra RSS, seconds, per-step losses."""
+             batch_size: int = BATCH, probe: str = "rss") -> dict:
+    """One pruning run in this process: peak extra memory (``probe``), seconds, per-step losses."""
     import torch
 
     import loraprune
@@ -47,15 +56,24 @@ def run_case(method: str, checkpointing: bool, steps: int = STEPS, seq_len: int 
                                   gradient_checkpointing=checkpointing, **METHODS[method])
     batches = train_batches(tok, cfg.seq_len, cfg.batch_size, steps, seed=0)
     losses = []
+
+    def run():
+        loraprune.prune(model, batches, cfg, on_step=lambda step, pruner, loss: losses.append(loss))
+
     base = _rss_mib()
-    _reset_peak()
     t0 = time.time()
-    loraprune.prune(model, batches, cfg, on_step=lambda step, pruner, loss: losses.append(loss))
+    if probe == "tensors":
+        from .memory import tensor_peak
+
+        extra = tensor_peak(run)["tensor_peak_bytes"] / 2**20
+    else:
+        _reset_peak()
+        run()
+        extra = _peak_mib() - base
     seconds = time.time() - t0
-    peak = _peak_mib()
     return {"method": method, "checkpointing": checkpointing, "config": cfg.to_dict(), "steps": steps,
-            "batch": [batch_size, seq_len], "peak_extra_mib": peak - base, "model_rss_mib": base,
-            "seconds": seconds, "losses": losses}
+            "batch": [batch_size, seq_len], "seq_len": seq_len, "probe": probe, "peak_extra_mib": extra,
+            "model_rss_mib": base, "seconds": seconds, "losses": losses}
 
 
 def _subprocess(case: dict) -> dict:
@@ -94,7 +112,9 @@ def summarize(results: list[dict]) -> dict:
 
 
 def markdown(payload: dict) -> str:
-    rows = ["| method | peak extra MiB, plain | peak extra MiB, checkpointing | checkpointing / plain | same losses | "
+    st = payload.get("settings", {})
+    rows = [f"{st.get('batch_size', BATCH)} x {st.get('seq_len', SEQ_LEN)} tokens, probe: {st.get('probe', 'rss')}", "",
+            "| method | peak extra MiB, plain | peak extra MiB, checkpointing | checkpointing / plain | same losses | "
             "time checkpointing / plain |", "|---|---|---|---|---|---|"]
     for m, r in payload["summary"]["per_method"].items():
         if r["off_mib"] is None or r["on_mib"] is None:
@@ -112,6 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--case", default=None, help="run one case (JSON: method, checkpointing) and print its JSON")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="methods of bench/smollm2.py")
     ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per window (batch of %d)" % BATCH)
+    ap.add_argument("--probe", choices=("rss", "tensors"), default="rss",
+                    help="peak RSS, or the allocator's peak of live tensor bytes (see the module doc)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "checkpointing.json"))
     ap.add_argument("--report", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args(argv)
@@ -122,27 +145,32 @@ def main(argv=None) -> int:
         return 0
     if args.case:
         case = json.loads(args.case)
-        print(json.dumps(run_case(case["method"], case["checkpointing"], case.get("steps", args.steps))))
+        print(json.dumps(run_case(case["method"], case["checkpointing"], case.get("steps", args.steps),
+                                  case.get("seq_len", args.seq_len), probe=case.get("probe", args.probe))))
         return 0
     from .common import read_json, result_payload, write_json
 
     out = Path(args.out)
-    settings = {"model": "SmolLM2-135M (fp32, CPU)", "seq_len": SEQ_LEN, "batch_size": BATCH, "steps": args.steps,
-                "ratio": 0.5, "method": "peak RSS (VmHWM after clear_refs) during prune() minus RSS with the model "
-                                        "loaded; one process per case"}
+    method = ("peak RSS (VmHWM after clear_refs) during prune() minus RSS with the model loaded"
+              if args.probe == "rss" else "peak of live tensor bytes during prune() above those live before it "
+                                          "(allocator events, bench.memory.tensor_peak)")
+    settings = {"model": "SmolLM2-135M (fp32, CPU)", "seq_len": args.seq_len, "batch_size": BATCH,
+                "steps": args.steps, "ratio": 0.5, "probe": args.probe, "method": method + "; one process per case"}
 
     def payload_of(results):
         payload = result_payload("checkpointing", settings, {"cases": results})
         payload["summary"] = summarize(results)
         return payload
 
-    # cases already in the results file (same steps) are kept: a cut run resumes where it stopped
-    results = [r for r in (read_json(out)["cases"] if out.is_file() else []) if r["steps"] == args.steps]
+    # cases already in the results file (same steps, probe, length) are kept: a cut run resumes where it stopped
+    results = [r for r in (read_json(out)["cases"] if out.is_file() else [])
+               if (r["steps"], r.get("probe", "rss"), r.get("seq_len", SEQ_LEN)) == (args.steps, args.probe, args.seq_len)]
     for method in args.methods:
         for ckpt in (False, True):
             if any(r["method"] == method and r["checkpointing"] == ckpt for r in results):
                 continue
-            res = _subprocess({"method": method, "checkpointing": ckpt, "steps": args.steps})
+            res = _subprocess({"method": method, "checkpointing": ckpt, "steps": args.steps, "seq_len": args.seq_len,
+                               "probe": args.probe})
             results.append(res)
             print(f"checkpointing: {method} {'on ' if ckpt else 'off'}: peak extra {res['peak_extra_mib']:.0f} MiB, "
                   f"{res['seconds']:.0f} s, losses {[round(x, 4) for x in res['losses']]}", flush=True)

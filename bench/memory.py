@@ -90,6 +90,44 @@ def measure(fn) -> dict:
             "peak_reset": exact, "wall_s": wall}
 
 
+def tensor_peak(fn) -> dict:
+    """Run ``fn`` once: the peak of the tensor bytes the allocator has handed out during the call, above
+    what was live when it started (on a GPU what ``torch.cuda.max_memory_allocated`` counts).
+
+    Peak RSS, the other probe, also counts what the C allocator keeps after a free (glibc keeps freed
+    blocks of its heap for reuse; with many mid-sized tensors freed in a different order than they were
+    made, RSS ends well above the live bytes) and non-tensor memory. On CPU this reads the allocator's
+    own events through ``torch.profiler`` (``profile_memory``): every allocation and free, in order.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return {"tensor_peak_bytes": torch.cuda.max_memory_allocated() - start, "device": "cuda",
+                "wall_s": time.perf_counter() - t}
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    wall = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    live = peak = 0
+    for e in sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
+                    key=lambda e: e["ts"]):
+        live += e["args"]["Bytes"]  # negative for a free (also of tensors made before the call)
+        peak = max(peak, live)
+    return {"tensor_peak_bytes": peak, "device": "cpu", "wall_s": wall}
+
+
 # ---------------------------------------------------------------- criterion
 #: our name -> the probe's: the estimator itself (the kernel's CPU twin), the public criterion path
 #: (``score_module`` on a LoRALinear built inside the measured call), the eager computation.

@@ -94,7 +94,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         kwargs = {"dest": f.name, "default": _default(f), "help": f.metadata["help"]}
         annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         choices = f.metadata.get("choices")
-        if annotation == "bool":
+        if annotation in ("bool", "bool | None"):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name in SPECIAL_TYPES:
             kwargs["type"] = SPECIAL_TYPES[f.name]
@@ -247,6 +247,7 @@ def checkpoints_off(args) -> bool:
 def cmd_prune(args) -> int:
     from .groups import layer_projection_params
     from .prune import prune
+    from .recompute import resolve as resolve_checkpointing
     from .report import PruneReport
 
     cfg = config_from_args(args)  # every option checked before anything is loaded
@@ -265,6 +266,7 @@ def cmd_prune(args) -> int:
     run = run_record(args, cfg)
     check_output(out, args.resume, args.overwrite, run, force=args.force_resume)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, placement.dtype, device=placement.device)
+    cfg = dataclasses.replace(cfg, gradient_checkpointing=resolve_checkpointing(cfg.gradient_checkpointing, model))
     dense_layers = layer_projection_params(model)
     dense_total = sum(p.numel() for p in model.parameters())
     ppl_before = _perplexity(model, tokenizer, args, cfg) if args.eval_data else None

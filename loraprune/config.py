@@ -86,16 +86,19 @@ class PruneConfig:
     distill: float = _opt(0.5, "weight of self-distillation: the loss is (1-distill)*LM + distill*KL(dense || pruned), "
                                "the dense teacher being the same frozen weights with LoRA and masks off")
     distill_temperature: float = _opt(1.0, "softmax temperature of the distillation loss")
-    loss_chunk: int = _opt(512, "positions per chunk of the loss: logits (student and teacher) are computed a chunk "
-                                "at a time under activation checkpointing and never exist whole (same value and "
-                                "gradients); 0 uses the model's own logits")
+    loss_chunk: int = _opt(128, "positions per chunk of the loss: the logits (student and teacher) and their "
+                                "gradient are made a chunk at a time and never exist whole, and backward keeps only "
+                                "the gradient of the final hidden states (same value and gradients); 0 uses the "
+                                "model's own logits")
     weight_decay: float = _opt(0.0, "AdamW weight decay of the LoRA factors")
     max_grad_norm: float | None = _opt(1.0, "gradient clipping of the LoRA factors (0 or None: off)")
     max_bad_steps: int = _opt(5, "this many NaN/inf steps in a row stop the run with NonFiniteLossError")
     seed: int = _opt(0, "seed of everything (LoRA init, data order, dropout, random criterion)")
-    gradient_checkpointing: bool = _opt(False, "recompute each decoder layer's activations during backward instead "
-                                               "of keeping them (non-reentrant, for the run only): less memory at "
-                                               "long seq_len, one more forward pass per step; same masks and losses")
+    gradient_checkpointing: bool | None = _opt(None, "recompute each decoder layer's activations during backward "
+                                                      "instead of keeping them (non-reentrant, for the run only): far "
+                                                      "less memory, one more forward pass per step, the same masks and "
+                                                      "losses. None: on where the model supports it; False: off (faster "
+                                                      "steps when memory allows)")
     merge: bool = _opt(True, "merge LoRA into the pruned weights (False keeps it, for export_adapter)")
     progress: bool = _opt(True, "show a progress bar", cli=False)
     checkpoint_dir: str | None = _opt(None, "save the pruning state here every checkpoint_every steps", cli=False)
@@ -157,8 +160,10 @@ class PruneConfig:
         num("checkpoint_every", 1, integer=True, allow_none=True)
         for name in ("square", "uniform", "progressive", "gradient_checkpointing", "merge", "progress", "resume",
                      "force_resume"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "gradient_checkpointing" and value is None):
+                raise ConfigError(f"{name} must be True or False{' (or None)' if name == 'gradient_checkpointing' else ''}, "
+                                  f"got {value!r}")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume=True needs checkpoint_dir=<the directory of the interrupted run>")
         if self.uniform and (self.skip_layers or self.ranking != "layer"):

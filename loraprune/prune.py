@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 from .config import PruneConfig
 from .data import DataError, make_batches
 from .engine import LoRAPruner
-from .gguf import check_dense
 from .errors import LoRAPruneError
+from .gguf import check_dense
 from .io import attach_export
-from .loss import trained_tokens, training_loss
 from .lora import unwrap_peft
-from .recompute import check_supported, gradient_checkpointing
+from .loss import trained_tokens, training_loss
+from .recompute import gradient_checkpointing, resolve
 from .schedule import CubicSchedule
 
 log = logging.getLogger("loraprune")
@@ -121,8 +121,7 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
         raise DataError("the data gave no batch; pass at least one batch or enough text for one window")
     batches = itertools.chain([first], batches)
     check_dense(model)
-    if cfg.gradient_checkpointing:
-        check_supported(unwrap_peft(model))
+    checkpointing = resolve(cfg.gradient_checkpointing, unwrap_peft(model))
     fingerprint = None
     if cfg.checkpoint_dir:
         from .checkpoint import fingerprint as run_fingerprint
@@ -135,7 +134,7 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
     use_cache = getattr(given_config, "use_cache", None)
     was_training = hf_model.training
     try:
-        with gradient_checkpointing(hf_model, cfg.gradient_checkpointing):  # the model's own setting afterwards
+        with gradient_checkpointing(hf_model, checkpointing):  # the model's own setting afterwards
             pruned = _run(pruner, batches, cfg, schedule, on_step, fingerprint)
     except BaseException:
         pruner.restore()
@@ -153,7 +152,7 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
 
 
 def _run(pruner: LoRAPruner, batches, cfg: PruneConfig, schedule: CubicSchedule, on_step, fingerprint) -> nn.Module:
-    from .checkpoint import CheckpointError, Checkpointer  # local: checkpointing is optional
+    from .checkpoint import Checkpointer, CheckpointError  # local: checkpointing is optional
 
     hf_model = pruner.model
     device = input_device(hf_model)

@@ -42,6 +42,16 @@ def check_supported(model: nn.Module) -> None:
                           "drop gradient_checkpointing=True (--gradient-checkpointing)")
 
 
+def resolve(setting: bool | None, model: nn.Module) -> bool:
+    """``PruneConfig.gradient_checkpointing`` for ``model``: None is on where the model supports it;
+    True on a model that cannot raises :class:`ConfigError` (before any work)."""
+    if setting is None:
+        return bool(getattr(model, "supports_gradient_checkpointing", False))
+    if setting:
+        check_supported(model)
+    return setting
+
+
 def _enable(model: nn.Module) -> None:
     # transformers 5 renamed the method (the old name warns); 4.x only has the old one
     enable = getattr(model, "activation_checkpointing_enable", None)

@@ -62,6 +62,17 @@ def test_model_without_checkpointing_support_is_refused_before_the_run():
     assert not any(type(m).__name__ == "LoRALinear" for m in model.modules())
 
 
+@pytest.mark.parametrize("supported", [True, False])
+def test_by_default_prune_checkpoints_where_the_model_supports_it(supported):
+    model = tiny_model()
+    model.supports_gradient_checkpointing = supported
+    seen = []
+    loraprune.prune(model, random_batches(n=1), ratio=0.5, steps=2, progress=False,
+                    on_step=lambda s, p, loss: seen.append(is_checkpointing(p.model)))
+    assert seen == [supported, supported]
+    assert not is_checkpointing(model)
+
+
 def _run(criterion, checkpointing, dropout):
     losses = []
     model = loraprune.prune(tiny_model(), random_batches(n=3), ratio=0.5, steps=4, prune_start=1, prune_end=3,
