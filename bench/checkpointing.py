@@ -47,6 +47,7 @@ def run_case(method: str, checkpointing: bool, steps: int = STEPS, seq_len: int 
     import loraprune
     from loraprune.config import PruneConfig
 
+    from .memory import mark, tensor_peak
     from .smollm2 import METHODS, _peak_mib, _reset_peak, _rss_mib, load_smollm2, train_batches
 
     torch.set_num_threads(int(os.environ.get("LORAPRUNE_THREADS", os.cpu_count() or 1)))
@@ -57,15 +58,21 @@ def run_case(method: str, checkpointing: bool, steps: int = STEPS, seq_len: int 
     batches = train_batches(tok, cfg.seq_len, cfg.batch_size, steps, seed=0)
     losses = []
 
+    def on_step(step, pruner, loss):
+        losses.append(loss)
+        if step == steps:
+            mark("steps")  # the peak of the training steps, before the final compaction
+
     def run():
-        loraprune.prune(model, batches, cfg, on_step=lambda step, pruner, loss: losses.append(loss))
+        loraprune.prune(model, batches, cfg, on_step=on_step)
 
     base = _rss_mib()
     t0 = time.time()
+    steps_peak = None
     if probe == "tensors":
-        from .memory import tensor_peak
-
-        extra = tensor_peak(run)["tensor_peak_bytes"] / 2**20
+        res = tensor_peak(run)
+        extra = res["tensor_peak_bytes"] / 2**20
+        steps_peak = res["marks"].get("steps", res["tensor_peak_bytes"]) / 2**20
     else:
         _reset_peak()
         run()
@@ -73,6 +80,7 @@ def run_case(method: str, checkpointing: bool, steps: int = STEPS, seq_len: int 
     seconds = time.time() - t0
     return {"method": method, "checkpointing": checkpointing, "config": cfg.to_dict(), "steps": steps,
             "batch": [batch_size, seq_len], "seq_len": seq_len, "probe": probe, "peak_extra_mib": extra,
+            "steps_peak_extra_mib": steps_peak,
             "model_rss_mib": base, "seconds": seconds, "losses": losses}
 
 
@@ -88,14 +96,17 @@ def _subprocess(case: dict) -> dict:
 
 
 def summarize(results: list[dict]) -> dict:
-    """Per method: peak extra off/on and on/off; across methods: each method over ``grad*`` at equal checkpointing."""
+    """Per method: peak extra off/on and on/off; across methods: the default over each ``grad*`` method
+    at equal checkpointing (whole call and, where measured, the training steps alone)."""
     by = {(r["method"], r["checkpointing"]): r for r in results}
     methods = sorted({r["method"] for r in results}, key=lambda m: list(DEFAULT_METHODS).index(m)
                      if m in DEFAULT_METHODS else 99)
     per_method = {}
     for m in methods:
         off, on = by.get((m, False)), by.get((m, True))
-        row = {"off_mib": off and off["peak_extra_mib"], "on_mib": on and on["peak_extra_mib"]}
+        row = {"off_mib": off and off["peak_extra_mib"], "on_mib": on and on["peak_extra_mib"],
+               "steps_off_mib": off and off.get("steps_peak_extra_mib"),
+               "steps_on_mib": on and on.get("steps_peak_extra_mib")}
         if off and on:
             row["on_over_off"] = on["peak_extra_mib"] / off["peak_extra_mib"]
             row["same_losses"] = off["losses"] == on["losses"]
@@ -106,21 +117,31 @@ def summarize(results: list[dict]) -> dict:
     for base in ("grad-adaptive-kd", "grad"):
         for ckpt in (False, True):
             d, g = by.get(("default", ckpt)), by.get((base, ckpt))
-            if d and g:
-                versus[f"default/{base}" + (" (checkpointing)" if ckpt else "")] = d["peak_extra_mib"] / g["peak_extra_mib"]
+            if not (d and g):
+                continue
+            tag = f"default/{base}" + (" (checkpointing)" if ckpt else "")
+            versus[tag] = d["peak_extra_mib"] / g["peak_extra_mib"]
+            if d.get("steps_peak_extra_mib") and g.get("steps_peak_extra_mib"):
+                versus[tag + ", training steps"] = d["steps_peak_extra_mib"] / g["steps_peak_extra_mib"]
     return {"per_method": per_method, "default_over_grad": versus}
 
 
 def markdown(payload: dict) -> str:
     st = payload.get("settings", {})
+    steps = any(r.get("steps_on_mib") is not None for r in payload["summary"]["per_method"].values())
+    extra = (" training steps, plain | training steps, checkpointing |" if steps else "")
     rows = [f"{st.get('batch_size', BATCH)} x {st.get('seq_len', SEQ_LEN)} tokens, probe: {st.get('probe', 'rss')}", "",
-            "| method | peak extra MiB, plain | peak extra MiB, checkpointing | checkpointing / plain | same losses | "
-            "time checkpointing / plain |", "|---|---|---|---|---|---|"]
+            "| method | peak extra MiB, plain | peak extra MiB, checkpointing |" + extra
+            + " checkpointing / plain | same losses | time checkpointing / plain |",
+            "|---|---|---|" + ("---|---|" if steps else "") + "---|---|---|"]
     for m, r in payload["summary"]["per_method"].items():
         if r["off_mib"] is None or r["on_mib"] is None:
             continue
-        rows.append(f"| {m} | {r['off_mib']:.0f} | {r['on_mib']:.0f} | {r.get('on_over_off', float('nan')):.2f} | "
-                    f"{'yes' if r.get('same_losses') else 'no (max diff %.2g)' % r.get('max_loss_diff', float('nan'))} | "
+        cells = f"| {m} | {r['off_mib']:.0f} | {r['on_mib']:.0f} |"
+        if steps:
+            cells += f" {r['steps_off_mib']:.0f} | {r['steps_on_mib']:.0f} |"
+        same = "yes" if r.get("same_losses") else "no (max diff %.2g)" % r.get("max_loss_diff", float("nan"))
+        rows.append(cells + f" {r.get('on_over_off', float('nan')):.2f} | {same} | "
                     f"{r.get('seconds_on_over_off', float('nan')):.2f} |")
     rows.append("")
     rows += [f"- {k}: {v:.2f}×" for k, v in payload["summary"]["default_over_grad"].items()]

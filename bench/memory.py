@@ -90,9 +90,19 @@ def measure(fn) -> dict:
             "peak_reset": exact, "wall_s": wall}
 
 
+MARK = "loraprune.bench.mark:"
+
+
+def mark(name: str) -> None:
+    """Inside a :func:`tensor_peak` call: the peak up to here is also reported, as ``marks[name]``."""
+    with torch.profiler.record_function(MARK + name):
+        pass
+
+
 def tensor_peak(fn) -> dict:
     """Run ``fn`` once: the peak of the tensor bytes the allocator has handed out during the call, above
-    what was live when it started (on a GPU what ``torch.cuda.max_memory_allocated`` counts).
+    what was live when it started (on a GPU what ``torch.cuda.max_memory_allocated`` counts), and the
+    peak up to each :func:`mark` ``fn`` made (``marks``: name -> bytes; on CPU only).
 
     Peak RSS, the other probe, also counts what the C allocator keeps after a free (glibc keeps freed
     blocks of its heap for reuse; with many mid-sized tensors freed in a different order than they were
@@ -106,7 +116,7 @@ def tensor_peak(fn) -> dict:
         t = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        return {"tensor_peak_bytes": torch.cuda.max_memory_allocated() - start, "device": "cuda",
+        return {"tensor_peak_bytes": torch.cuda.max_memory_allocated() - start, "device": "cuda", "marks": {},
                 "wall_s": time.perf_counter() - t}
     import tempfile
 
@@ -120,12 +130,19 @@ def tensor_peak(fn) -> dict:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
+    mem = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
+    marks = [(e["ts"], e["name"][len(MARK):]) for e in events if e.get("name", "").startswith(MARK)]
+    timeline = sorted([(e["ts"], 1, e["args"]["Bytes"]) for e in mem] + [(ts, 0, name) for ts, name in marks],
+                      key=lambda x: (x[0], x[1]))
     live = peak = 0
-    for e in sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
-                    key=lambda e: e["ts"]):
-        live += e["args"]["Bytes"]  # negative for a free (also of tensors made before the call)
+    at_marks = {}
+    for _, kind, value in timeline:
+        if kind == 0:
+            at_marks.setdefault(value, peak)
+            continue
+        live += value  # negative for a free (also of tensors made before the call)
         peak = max(peak, live)
-    return {"tensor_peak_bytes": peak, "device": "cpu", "wall_s": wall}
+    return {"tensor_peak_bytes": peak, "device": "cpu", "marks": at_marks, "wall_s": wall}
 
 
 # ---------------------------------------------------------------- criterion
