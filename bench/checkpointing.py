@@ -134,15 +134,18 @@ def markdown(payload: dict) -> str:
             "| method | peak extra MiB, plain | peak extra MiB, checkpointing |" + extra
             + " checkpointing / plain | same losses | time checkpointing / plain |",
             "|---|---|---|" + ("---|---|" if steps else "") + "---|---|---|"]
+    def mib(x):
+        return "—" if x is None else f"{x:.0f}"
+
     for m, r in payload["summary"]["per_method"].items():
-        if r["off_mib"] is None or r["on_mib"] is None:
-            continue
-        cells = f"| {m} | {r['off_mib']:.0f} | {r['on_mib']:.0f} |"
+        cells = f"| {m} | {mib(r['off_mib'])} | {mib(r['on_mib'])} |"
         if steps:
-            cells += f" {r['steps_off_mib']:.0f} | {r['steps_on_mib']:.0f} |"
-        same = "yes" if r.get("same_losses") else "no (max diff %.2g)" % r.get("max_loss_diff", float("nan"))
-        rows.append(cells + f" {r.get('on_over_off', float('nan')):.2f} | {same} | "
-                    f"{r.get('seconds_on_over_off', float('nan')):.2f} |")
+            cells += f" {mib(r['steps_off_mib'])} | {mib(r['steps_on_mib'])} |"
+        if "same_losses" not in r:  # one of the two cases only
+            rows.append(cells + " — | — | — |")
+            continue
+        same = "yes" if r["same_losses"] else "no (max diff %.2g)" % r["max_loss_diff"]
+        rows.append(cells + f" {r['on_over_off']:.2f} | {same} | {r['seconds_on_over_off']:.2f} |")
     rows.append("")
     rows += [f"- {k}: {v:.2f}×" for k, v in payload["summary"]["default_over_grad"].items()]
     return "\n".join(rows)
@@ -154,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="methods of bench/smollm2.py")
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per window (batch of %d)" % BATCH)
+    ap.add_argument("--checkpointing", choices=("both", "on", "off"), default="both",
+                    help="which of the two cases to run per method")
     ap.add_argument("--probe", choices=("rss", "tensors"), default="rss",
                     help="peak RSS, or the allocator's peak of live tensor bytes (see the module doc)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "checkpointing.json"))
@@ -187,7 +192,7 @@ def main(argv=None) -> int:
     results = [r for r in (read_json(out)["cases"] if out.is_file() else [])
                if (r["steps"], r.get("probe", "rss"), r.get("seq_len", SEQ_LEN)) == (args.steps, args.probe, args.seq_len)]
     for method in args.methods:
-        for ckpt in (False, True):
+        for ckpt in {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]:
             if any(r["method"] == method and r["checkpointing"] == ckpt for r in results):
                 continue
             res = _subprocess({"method": method, "checkpointing": ckpt, "steps": args.steps, "seq_len": args.seq_len,

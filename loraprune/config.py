@@ -86,7 +86,7 @@ class PruneConfig:
     distill: float = _opt(0.5, "weight of self-distillation: the loss is (1-distill)*LM + distill*KL(dense || pruned), "
                                "the dense teacher being the same frozen weights with LoRA and masks off")
     distill_temperature: float = _opt(1.0, "softmax temperature of the distillation loss")
-    loss_chunk: int = _opt(128, "positions per chunk of the loss: the logits (student and teacher) and their "
+    loss_chunk: int = _opt(64, "positions per chunk of the loss: the logits (student and teacher) and their "
                                 "gradient are made a chunk at a time and never exist whole, and backward keeps only "
                                 "the gradient of the final hidden states (same value and gradients); 0 uses the "
                                 "model's own logits")
