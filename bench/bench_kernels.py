@@ -13,7 +13,7 @@
   Written to ``results/kernels_cuda.json``.
 * On CPU (what CI has): peak memory of the importance twin vs the eager
   computation, on 4096x4096 and 11008x4096 (r=8, fp32), each case in its own
-  subprocess (``loraprune.kernels.cpu_memory``).  Written to
+  subprocess (``bench.kernel_memory_probe``).  Written to
   ``results/kernels_cpu.json`` and printed as ratios.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,9 +38,9 @@ HBM_GBPS = {"H100": 3350.0, "A100": 2039.0}
 
 def _probe(impl: str, out_f: int, in_f: int) -> dict:
     res = subprocess.run(
-        [sys.executable, "-m", "loraprune.kernels.cpu_memory", "--impl", impl,
+        [sys.executable, "-m", "bench.kernel_memory_probe", "--impl", impl,
          "--out", str(out_f), "--in", str(in_f), "--rank", str(RANK)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
     )
     return json.loads(res.stdout.strip().splitlines()[-1])
 

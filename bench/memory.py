@@ -12,7 +12,7 @@ peak RSS during the call minus RSS just before it.
     estimator (``score_module(..., "lora")`` → ``kernels.group_importance``, row
     blocks, never an out x in temporary) against the eager LoRAPrune-style
     computation that forms ``G = ∇B·A + B·∇A − ∇B·∇A`` and ``B·A`` in full. The
-    probe is the kernels' own (:mod:`loraprune.kernels.cpu_memory`, also used by
+    probe is the kernels' own (:mod:`bench.kernel_memory_probe`, also used by
     ``bench/bench_kernels.py``), run here beside the whole-step figures.
 (b) one pruning step (forward, backward, scoring) with ``lora`` against
     ``grad`` on the reference model and on one LLaMA-7B-shaped decoder layer.
@@ -151,9 +151,9 @@ def tensor_peak(fn) -> dict:
 IMPLS = {"ours": "twin", "ours-public-path": "criterion", "eager": "eager"}
 
 def case_criterion(impl: str, out_f: int, in_f: int, r: int = 8) -> dict:
-    """The kernels' own probe (:mod:`loraprune.kernels.cpu_memory`, same protocol as ``measure``):
+    """The kernels' own probe (:mod:`bench.kernel_memory_probe`, same protocol as ``measure``):
     ``criterion`` = the public ``score_module(..., "lora")`` path, ``eager`` = G and B·A formed."""
-    from loraprune.kernels import cpu_memory
+    from bench import kernel_memory_probe as cpu_memory
 
     res = cpu_memory.measure(IMPLS[impl], out_f, in_f, r)
     res.update(shape=[out_f, in_f], r=r, impl=impl, peak_reset=True, peak_total_bytes=peak_rss())

@@ -64,6 +64,7 @@ def test_uniform_round_trip_is_a_stock_model(case, tmp_path):
     _same_behaviour(again, pruned)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_per_layer_round_trip(case, tmp_path):
     arch, cfg = CASES[case]
@@ -88,6 +89,7 @@ def test_uniform_llama_with_indivisible_head_count_reloads_as_stock_mistral(tmp_
 
 
 # ---- hardware-friendly widths ----------------------------------------------------
+@pytest.mark.slow
 def test_round_to_reports_its_cost_on_the_parameter_target():
     def run(round_to):
         model = tiny_model(hidden_size=32, intermediate_size=200, num_hidden_layers=2)

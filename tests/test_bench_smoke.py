@@ -16,6 +16,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench import run as bench_run  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, data_dir):

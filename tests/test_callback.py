@@ -17,6 +17,8 @@ from loraprune import CubicSchedule, LoRAPruner, NonFiniteLossError
 from loraprune.callback import LoRAPruneCallback
 from tiny import tiny_model
 
+pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles
+
 TESTS = Path(__file__).resolve().parent
 STEPS, BATCH, SEQ, LR = 6, 2, 12, 1e-3
 

@@ -19,6 +19,8 @@ from loraprune.cli import main
 from loraprune.reference import train_tokenizer
 from tiny import tiny_model
 
+pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles
+
 STEPS, EVERY = 12, 2
 
 

@@ -59,6 +59,7 @@ def test_help_explains_options_with_defaults(capsys):
     assert all(c in top for c in ("prune", "eval", "inspect", "bench"))
 
 
+@pytest.mark.slow
 def test_prune_inspect_eval_session(work, tmp_path, capsys):
     out = tmp_path / "small"
     assert main(prune_argv(work, out, "--uniform", "--eval-data", str(work / "data" / "a.txt"),

@@ -36,6 +36,7 @@ def test_run_defining_options_leave_out_only_bookkeeping():
                                              "force_resume", "loss_chunk", "gradient_checkpointing"}
 
 
+@pytest.mark.slow
 def test_prune_takes_a_config_or_a_float_ratio_positionally():
     from tiny import random_batches, tiny_model
 

@@ -1,9 +1,13 @@
 """The LoRA-guided criterion against a brute-force reference that forms G."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from loraprune import LoRALinear, LoRAPruner, score_module
 from tiny import random_batches, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]  # `python -m bench.…` runs from the repository root
 
 
 def _layer_with_grads(out_f=37, in_f=53, r=4, seed=0):
@@ -84,6 +88,7 @@ def test_ema_smoothing_closed_form():
     assert torch.allclose(pruner.state.attn_score[0], torch.full((n,), 1.19))
 
 
+@pytest.mark.slow
 def test_lora_criterion_allocates_no_out_by_in_temporary():
     """Through the public path (score_module on a LoRALinear), on a 4096x4096
     fp32 layer (64 MiB): an out x in temporary would show as >= 100% of W."""
@@ -96,9 +101,9 @@ def test_lora_criterion_allocates_no_out_by_in_temporary():
         pytest.skip("needs Linux /proc to reset the RSS high-water mark")
 
     def probe(impl):
-        res = subprocess.run([sys.executable, "-m", "loraprune.kernels.cpu_memory", "--impl", impl,
+        res = subprocess.run([sys.executable, "-m", "bench.kernel_memory_probe", "--impl", impl,
                               "--out", "4096", "--in", "4096", "--rank", "8"],
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert res.returncode == 0, res.stderr
         return json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -188,6 +188,7 @@ def test_sample_text_is_declared_package_data():
     assert meta["project"]["dynamic"] == ["version"] or meta["project"].get("version") == loraprune.__version__
 
 
+@pytest.mark.slow
 def test_public_surface_is_small_and_lazy():
     import subprocess
     import sys

@@ -76,6 +76,7 @@ def _run(code, **env_changes):
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_env_default_and_triton_on_cpu_needs_interpreter():
     code = (
         "import torch\n"

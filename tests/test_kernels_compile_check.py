@@ -1,15 +1,22 @@
 """AOT compile of the Triton kernels for sm_80 and sm_90 (no GPU needed).
 
 The full matrix (every kernel x fp16/bf16/fp32 weights x ranks 8-64 x keep on/off,
-fp32 factors, both archs) runs as ``python -m loraprune.kernels.compile_check``
-(minutes; its table is in kernels/README.md).  Here: the variant set itself,
+fp32 factors, both archs) runs as ``python -m bench.compile_check``
+(minutes; its table is in loraprune/kernels/README.md).  Here: the variant set itself,
 the failure rules, and the heaviest rank (64, keep on) compiled for both archs.
 """
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from loraprune.kernels import compile_check as cc
+import pytest
+
+from bench import compile_check as cc
+
+pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles
+
+ROOT = Path(__file__).resolve().parents[1]  # `python -m bench.…` runs from the repository root
 
 KERNELS = ["lora_down", "lora_linear_fwd", "gather_columns", "lora_grad_xa", "lora_grad_b", "lora_grad_a",
            "lora_grad_x", "importance_partials", "sum_partials", "merge_gather"]
@@ -49,9 +56,9 @@ def test_ctas_per_sm():
 
 def test_rank64_with_keep_compiles_for_both_archs():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "loraprune.kernels.compile_check", "--rank", "64", "--dtype", "bf16",
+    res = subprocess.run([sys.executable, "-m", "bench.compile_check", "--rank", "64", "--dtype", "bf16",
                           "--keep", "on", "--kernel", "lora_linear_fwd", "importance_partials", "lora_grad_x"],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [line.split() for line in res.stdout.splitlines() if line.split()[:1] and line.split()[0] in KERNELS]
     assert len(rows) == 6

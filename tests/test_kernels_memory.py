@@ -1,6 +1,6 @@
 """CPU twin of group_importance: peak memory above its inputs <= 2% of the weight's bytes.
 
-Each measurement runs in a fresh subprocess (``loraprune.kernels.cpu_memory``),
+Each measurement runs in a fresh subprocess (``bench.kernel_memory_probe``),
 which resets the kernel's RSS high-water mark after allocating the inputs and a
 warm-up, so the number covers every allocation (torch, BLAS scratch, ...).
 The eager computation (forms G and B A) is measured the same way and must blow
@@ -10,10 +10,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+ROOT = Path(__file__).resolve().parents[1]  # `python -m bench.…` runs from the repository root
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")]
 
 OUT, IN, RANK = 11008, 4096, 8
 BOUND = 0.02
@@ -21,9 +24,9 @@ BOUND = 0.02
 
 def _probe(impl):
     res = subprocess.run(
-        [sys.executable, "-m", "loraprune.kernels.cpu_memory", "--impl", impl,
+        [sys.executable, "-m", "bench.kernel_memory_probe", "--impl", impl,
          "--out", str(OUT), "--in", str(IN), "--rank", str(RANK)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])

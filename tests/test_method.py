@@ -135,6 +135,7 @@ def test_adaptive_ranking_masks_only_grow_and_follow_the_schedule():
         assert not (e & ~m).any() and not (m & ~b).any()  # a removed channel never comes back
 
 
+@pytest.mark.slow
 def test_adaptive_ranking_end_to_end_gives_a_per_layer_model_at_the_ratio():
     model = tiny_model(num_hidden_layers=3)
     out = loraprune.prune(model, random_batches(n=4), ratio=0.4, steps=4, criterion="fisher", ranking="adaptive",
@@ -181,6 +182,7 @@ def test_lr_schedules_closed_form():
     assert lr_factor("cosine", 3, 4) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+@pytest.mark.slow
 def test_grad_accum_equals_one_big_batch_for_the_lora_gradients():
     """Two micro-batches of 2 accumulate to the gradient of one batch of 4 (equal token counts)."""
     seen = {}
@@ -198,6 +200,7 @@ def test_grad_accum_equals_one_big_batch_for_the_lora_gradients():
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_distillation_run_prunes_and_records_the_setting():
     out = loraprune.prune(tiny_model(), random_batches(n=3), ratio=0.5, steps=3, distill=0.5, progress=False)
     assert out.config.loraprune["settings"]["distill"] == 0.5

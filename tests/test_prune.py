@@ -12,6 +12,7 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_end_to_end_smaller_model_and_report():
     model = tiny_model(hidden_size=64, intermediate_size=160, num_attention_heads=8, num_key_value_heads=4)
     before = sum(layer_projection_params(model))
@@ -30,6 +31,7 @@ def test_end_to_end_smaller_model_and_report():
     assert out.shape == (1, 7)
 
 
+@pytest.mark.slow
 def test_deterministic_under_seed():
     runs = []
     for _ in range(2):
@@ -41,6 +43,7 @@ def test_deterministic_under_seed():
         assert torch.equal(runs[0][k], runs[1][k]), k
 
 
+@pytest.mark.slow
 def test_different_seed_changes_result():
     a = loraprune.prune(tiny_model(seed=1), random_batches(n=4), ratio=0.4, steps=8, seed=1, progress=False)
     b = loraprune.prune(tiny_model(seed=1), random_batches(n=4), ratio=0.4, steps=8, seed=2, progress=False)
@@ -48,6 +51,7 @@ def test_different_seed_changes_result():
     assert any(sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["grad", "magnitude", "random"])
 def test_other_criteria_run(criterion):
     model = tiny_model()
@@ -55,6 +59,7 @@ def test_other_criteria_run(criterion):
     assert abs(pruned.config.loraprune["achieved_ratio"] - 0.3) <= 0.01
 
 
+@pytest.mark.slow
 def test_global_ranking_and_skip_layers_give_per_layer_model(tmp_path):
     model = tiny_model(num_hidden_layers=3, intermediate_size=64)
     pruned = loraprune.prune(model, random_batches(n=3), ratio=0.3, steps=6, skip_layers=[0], progress=False)
@@ -72,6 +77,7 @@ def test_global_ranking_and_skip_layers_give_per_layer_model(tmp_path):
 
 @pytest.mark.skipif(not loraprune.kernels.triton_interpreting(),
                     reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest where no GPU exists)")
+@pytest.mark.slow
 def test_triton_kernels_drive_the_same_run():
     """One code path above the kernels: the interpreted Triton kernels give the same pruning."""
     from loraprune.kernels import use_backend
@@ -88,6 +94,7 @@ def test_triton_kernels_drive_the_same_run():
         torch.testing.assert_close(st[k], sr[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_text_data_with_tokenizer():
     from loraprune.reference import train_tokenizer
     import tempfile, pathlib
@@ -167,6 +174,7 @@ def test_unsupported_architecture():
         loraprune.prune(model, random_batches(n=1, vocab=50), ratio=0.5, steps=1, progress=False)
 
 
+@pytest.mark.slow
 def test_on_step_hook_sees_every_step_and_the_schedule():
     seen = []
     loraprune.prune(tiny_model(), random_batches(n=2), ratio=0.5, steps=6, prune_end=4, prune_every=2,
@@ -179,6 +187,7 @@ def test_on_step_hook_sees_every_step_and_the_schedule():
     assert all(loss is not None and loss > 0 for _, _, loss in seen)
 
 
+@pytest.mark.slow
 def test_global_ranking_honours_skip_layers():
     model = tiny_model(num_hidden_layers=4, intermediate_size=48)
     pruned = loraprune.prune(model, random_batches(n=3), ratio=0.3, steps=6, ranking="global",
@@ -221,6 +230,7 @@ def test_grad_criterion_skipped_step_leaves_no_weight_gradient():
     assert all(m.weight.grad is None and m.lora_A.grad is None for mods in pruner.modules for m in mods.values())
 
 
+@pytest.mark.slow
 def test_user_batches_are_normalised():
     import numpy as np
 
@@ -236,6 +246,7 @@ def test_user_batches_are_normalised():
                                         "attention_mask": torch.ones(2, 7)}], ratio=0.5, steps=1, progress=False)
 
 
+@pytest.mark.slow
 def test_tokenized_dataset_is_accepted():
     from datasets import Dataset
 

@@ -11,6 +11,8 @@ from loraprune.data import DataError
 from loraprune.prune import NonFiniteLossError
 from tiny import random_batches, tiny_config, tiny_model
 
+pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles
+
 
 def _snapshot(model):
     return ({k: v.detach().clone() for k, v in model.state_dict().items()},

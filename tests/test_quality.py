@@ -12,6 +12,8 @@ from loraprune.data import load_texts, text_windows
 from loraprune.eval import perplexity
 from loraprune.reference import shakespeare_split, train_tokenizer
 
+pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles
+
 
 @pytest.fixture(scope="module")
 def learned_model():

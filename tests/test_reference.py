@@ -130,6 +130,7 @@ def _weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_tiny_training_deterministic_loss_decreases(tiny_data, tmp_path):
     m1, tok1 = load_or_train_reference(cache_dir=tmp_path / "c1", data_dir=tiny_data, preset=TINY, progress=False)
     m2, tok2 = load_or_train_reference(cache_dir=tmp_path / "c2", data_dir=tiny_data, preset=TINY, progress=False)
@@ -155,6 +156,7 @@ def test_tiny_training_deterministic_loss_decreases(tiny_data, tmp_path):
     assert not torch.equal(_weights(m3)["model.embed_tokens.weight"], w1["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow
 def test_cache_is_reused(tiny_data, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     m1, _ = load_or_train_reference(cache_dir=cache, data_dir=tiny_data, preset=TINY, progress=False)
@@ -176,6 +178,7 @@ def test_cache_is_reused(tiny_data, tmp_path, monkeypatch):
     assert reference_cache_dir(cache, preset=TINY, steps=31, data_dir=tiny_data) != d
 
 
+@pytest.mark.slow
 def test_atomic_write_on_failure(tiny_data, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
 
@@ -202,6 +205,7 @@ def test_atomic_write_on_failure(tiny_data, tmp_path, monkeypatch):
     assert list(cache.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_stale_temp_dir_from_killed_run_is_ignored(tiny_data, tmp_path):
     cache = tmp_path / "cache"
     final = reference_cache_dir(cache, preset=TINY, data_dir=tiny_data)

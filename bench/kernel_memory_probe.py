@@ -1,6 +1,6 @@
 """Peak-RSS probe of group_importance on CPU (used by the memory test and the benchmark).
 
-    python -m loraprune.kernels.cpu_memory --impl twin|eager|criterion --out 11008 --in 4096 --rank 8
+    python -m bench.kernel_memory_probe --impl twin|eager|criterion --out 11008 --in 4096 --rank 8
 
 Run it in a *fresh* process per measurement.  It allocates the inputs, warms
 up the implementation on a small problem (so library code pages, thread pools

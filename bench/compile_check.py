@@ -1,6 +1,6 @@
 """Ahead-of-time compile every Triton kernel for sm_80 and sm_90; report resources.
 
-    python -m loraprune.kernels.compile_check [--json PATH] [--arch 80 90] [--dtype fp16 ...]
+    python -m bench.compile_check [--json PATH] [--arch 80 90] [--dtype fp16 ...]
 
 No GPU is needed: ``triton.compile`` with an explicit ``GPUTarget`` runs the full
 pipeline down to a cubin with the ptxas bundled with triton.  It compiles the
@@ -30,7 +30,7 @@ import sys
 if __name__ == "__main__" and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no"):
     # @triton.jit decides interpreter-vs-compiler at decoration time: start over cleanly.
     _env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    os.execve(sys.executable, [sys.executable, "-m", "loraprune.kernels.compile_check", *sys.argv[1:]], _env)
+    os.execve(sys.executable, [sys.executable, "-m", "bench.compile_check", *sys.argv[1:]], _env)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -49,8 +49,8 @@ from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import triton_importance, triton_lora_linear, triton_merge_gather  # noqa: E402
-from .triton_common import INTERPRETING, rank_block, rank_chunk, tile_config  # noqa: E402
+from loraprune.kernels import triton_importance, triton_lora_linear, triton_merge_gather  # noqa: E402
+from loraprune.kernels.triton_common import INTERPRETING, rank_block, rank_chunk, tile_config  # noqa: E402
 
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
