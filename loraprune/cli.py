@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(
         prog="loraprune",
-        description="LoRA-guided structured pruning of LLaMA-family models (llama, mistral, qwen2, qwen3).",
+        description="Structured pruning of LLaMA-family models (llama, mistral, qwen2, qwen3) while LoRA recovers "
+                    "the quality: whole KV groups and MLP channels go, the result is a smaller dense model.",
         formatter_class=fmt,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -122,9 +122,11 @@ def config_from_args(args) -> PruneConfig:
 
 def add_prune_parser(sub, formatter) -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and save the smaller one", formatter_class=formatter,
-                       description="Train LoRA on the frozen model, score KV-head groups and MLP channels with the "
-                                   "LoRA gradients, remove the lowest on a cubic schedule, merge LoRA and save a "
-                                   "smaller dense model.",
+                       description="Train LoRA on the frozen model (LM loss plus self-distillation from the dense "
+                                   "model), score whole KV groups and MLP channels (default --criterion fisher: the "
+                                   "per-sequence squared gradient of a mask on each group, read from the activations "
+                                   "entering o_proj/down_proj), rank them by score per parameter across layers, remove "
+                                   "the lowest on a cubic schedule, merge LoRA and save a smaller dense model.",
                        epilog="Checkpoints go to OUTPUT/checkpoints every --checkpoint-every steps (default: a tenth "
                               "of --steps; 0 turns them off). --no-merge saves OUTPUT/base and OUTPUT/adapter (PEFT).")
     p.add_argument("--model", required=True,

@@ -67,12 +67,22 @@ def test_memory_json(results):
     m = _load(results, "memory")
     kinds = {c["case"]["kind"] for c in m["cases"]}
     assert kinds == {"criterion", "step"}
+    by_case = {}
     for case in m["cases"]:
-        assert case["peak_total_bytes"] > 0 and case["peak_extra_bytes"] >= 0
-    for row in m["summary"]["criterion"].values():
-        assert _positive(row["eager_over_ours"])
-    for row in m["summary"]["step"].values():
-        assert row["extra_lora_over_grad"] >= 0 and math.isfinite(row["total_change_lora_vs_grad"])
+        c = case["case"]
+        assert case["peak_total_bytes"] >= case["peak_extra_bytes"]  # the extra is part of the total
+        by_case[(c["kind"], c.get("name", c.get("model")), c.get("impl", c.get("criterion")))] = case
+    assert m["summary"]["criterion"] and m["summary"]["step"]
+    for name, row in m["summary"]["criterion"].items():
+        eager, ours = by_case[("criterion", name, "eager")], by_case[("criterion", name, "ours")]
+        assert row["eager_extra_bytes"] == eager["peak_extra_bytes"]
+        out_f, in_f = ours["case"]["shape"]
+        assert row["weight_bytes"] == out_f * in_f * 4  # the fp32 weight the probe scored
+        assert row["eager_over_ours"] == pytest.approx(eager["peak_extra_bytes"] / max(ours["peak_extra_bytes"], 1))
+    for model, row in m["summary"]["step"].items():
+        lo, gr = by_case[("step", model, "lora")], by_case[("step", model, "grad")]
+        assert row["extra_lora_over_grad"] == pytest.approx(lo["peak_extra_bytes"] / max(gr["peak_extra_bytes"], 1))
+        assert row["total_change_lora_vs_grad"] == pytest.approx(lo["peak_total_bytes"] / gr["peak_total_bytes"] - 1)
 
 
 def test_speed_json(results):

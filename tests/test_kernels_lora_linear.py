@@ -396,4 +396,3 @@ def test_native_low_precision_gpu_path(dtype):
     assert_close_rel(xg.grad.cpu(), dx, dtype, "gpu dx")
     assert_close_rel(Ag.grad.cpu(), dA, dtype, "gpu dA")
     assert_close_rel(Bg.grad.cpu(), dB, dtype, "gpu dB")
-    assert REL_TOL[dtype] > 0

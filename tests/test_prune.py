@@ -54,9 +54,21 @@ def test_different_seed_changes_result():
 @pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["grad", "magnitude", "random"])
 def test_other_criteria_run(criterion):
+    """Each criterion drives a whole run whose cut matches its own masks: with merge=False the
+    base weights of the result are the original rows/columns at the kept indices, exactly."""
     model = tiny_model()
-    pruned = loraprune.prune(model, random_batches(n=3), ratio=0.3, steps=6, criterion=criterion, progress=False)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = loraprune.prune(model, random_batches(n=3), ratio=0.3, steps=6, criterion=criterion, merge=False,
+                             progress=False)
+    masks = pruned.loraprune_masks
     assert abs(pruned.config.loraprune["achieved_ratio"] - 0.3) <= 0.01
+    assert sum(masks.kept_channels()) < sum(m.numel() for m in masks.mlp_keep)  # something was cut
+    for i, layer in enumerate(pruned.model.layers):
+        ch = torch.nonzero(masks.mlp_keep[i]).flatten()
+        pre = f"model.layers.{i}.mlp."
+        assert torch.equal(layer.mlp.gate_proj.base.weight, original[pre + "gate_proj.weight"][ch])
+        assert torch.equal(layer.mlp.up_proj.base.weight, original[pre + "up_proj.weight"][ch])
+        assert torch.equal(layer.mlp.down_proj.base.weight, original[pre + "down_proj.weight"][:, ch])
 
 
 @pytest.mark.slow
