@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .data import load_texts
+from .cli_prune import add_config_options, config_from_args
+from .corpora import load_texts
 from .eval import perplexity, tokens_per_second
 from .groups import layer_projection_params
 from .io import save_pruned
-from .cli_prune import add_config_options, config_from_args
 from .prune import prune
 
 
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     if args.data and args.eval_data:
         train_src, heldout_src = args.data, args.eval_data
     else:
-        from .reference import shakespeare_split
+        from .corpora import shakespeare_split
 
         train_paths, heldout_paths = shakespeare_split(args.data_dir)
         train_src = args.data or [str(p) for p in train_paths]

@@ -14,3 +14,15 @@ class LoRAPruneError(ValueError):
 
 class ConfigError(LoRAPruneError):
     """An option of :class:`~loraprune.config.PruneConfig` is out of range or contradicts another."""
+
+
+class DataError(LoRAPruneError):
+    """The data given to prune/eval cannot be used; the message says why and what to pass."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A file, folder or dataset could not be found; also a ``FileNotFoundError``."""
+
+
+class NonFiniteLossError(LoRAPruneError, RuntimeError):
+    """Training produced NaN/inf too many steps in a row."""

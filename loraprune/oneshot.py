@@ -43,8 +43,8 @@ import torch.nn as nn
 
 from .allocation import allocate, resolve_skip
 from .archs import arch_for, decoder_layers, layer_projections
+from .batches import make_batches
 from .compaction import compact
-from .data import make_batches
 from .groups import LayerGroups, build_layer_groups, layer_projection_params, removed_params
 from .io import attach_export
 from .lora import unwrap_peft

@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .batches import make_batches
 from .config import PruneConfig
-from .data import DataError, make_batches
 from .engine import LoRAPruner
-from .errors import LoRAPruneError
+from .errors import DataError, LoRAPruneError
 from .gguf import check_dense
 from .io import attach_export
 from .lora import unwrap_peft

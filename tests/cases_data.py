@@ -9,8 +9,9 @@ import json
 import torch
 
 from bad_input_table import Case
-from loraprune.data import make_batches, read_texts
+from loraprune.batches import make_batches
 from loraprune.eval import perplexity
+from loraprune.text_files import read_texts
 from tiny import tiny_config, tiny_model
 
 VOCAB = 512  # room for the test tokenizer (byte-level BPE has at least 259 tokens)

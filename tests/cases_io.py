@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from bad_input_table import Case
-
 import loraprune
+from bad_input_table import Case
 from loraprune import gguf as lp_gguf
 from loraprune.io import OutputExistsError, PrunedModelError, inspect_dir, load_pruned, save_pruned
+from loraprune.masks import Masks
 from tiny import tiny_model
 
 _TEMPLATE: dict[str, Path] = {}
@@ -25,7 +25,7 @@ def pruned_model():
     model = tiny_model()
     attn = [torch.tensor([True, False]), torch.tensor([False, True])]
     mlp = [torch.arange(48) < 30, torch.arange(48) >= 8]
-    return loraprune.compact(model, loraprune.Masks(attn, mlp))
+    return loraprune.compact(model, Masks(attn, mlp))
 
 
 def saved(tmp_path: Path) -> Path:

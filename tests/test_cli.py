@@ -10,6 +10,8 @@ from loraprune import cli, cli_prune
 from loraprune.cli import main
 from loraprune.config import PruneConfig
 from loraprune.eval import perplexity
+from loraprune.io import PrunedModelError
+from loraprune.masks import Masks
 from loraprune.reference import train_tokenizer
 from tiny import tiny_model
 
@@ -74,7 +76,7 @@ def test_prune_inspect_eval_session(work, tmp_path, capsys):
     saved_masks = json.loads((out / "loraprune_masks.json").read_text())
     # the full file of save_pruned, not a bare copy of the indices (issue 11)
     assert (saved_masks["head_dim"], saved_masks["q_per_kv"]) == (8, 1) and "KV group g owns" in saved_masks["description"]
-    masks = loraprune.Masks.from_dict(saved_masks)
+    masks = Masks.from_dict(saved_masks)
     assert masks.kept_kv() == [2, 2]
 
     model = loraprune.load_pruned(out)
@@ -229,7 +231,7 @@ def test_option_values_reach_the_config(work, tmp_path):
 # ---- user errors are one line and exit 2; bugs show their traceback --------------------------
 def test_user_errors_exit_2_but_bugs_raise(monkeypatch, capsys):
     def user_error(args):
-        raise loraprune.PrunedModelError("the directory is mixed up;\n save the model again")
+        raise PrunedModelError("the directory is mixed up;\n save the model again")
 
     def bug(args):
         raise ValueError("an internal invariant broke")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import loraprune
-from loraprune.data import DataError
+from loraprune.errors import DataError
 from loraprune.prune import NonFiniteLossError
 from tiny import random_batches, tiny_config, tiny_model
 
