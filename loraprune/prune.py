@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import warnings
 
 import torch
 import torch.nn as nn
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from .batches import make_batches
 from .config import PruneConfig
 from .engine import LoRAPruner
-from .errors import DataError, LoRAPruneError
+from .errors import DataError
 from .gguf import check_dense
 from .io import attach_export
 from .lora import unwrap_peft
@@ -31,14 +30,6 @@ from .recompute import gradient_checkpointing, resolve
 from .schedule import CubicSchedule
 
 log = logging.getLogger("loraprune")
-
-
-class NonFiniteLossError(LoRAPruneError, RuntimeError):
-    """Training produced NaN/inf too many steps in a row."""
-
-
-def _finite_grads(params) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
 
 def lr_factor(schedule: str, step: int, steps: int) -> float:
@@ -172,7 +163,6 @@ def _run(pruner: LoRAPruner, batches, cfg: PruneConfig, schedule: CubicSchedule,
         )
     hf_model.config.use_cache = False
     hf_model.train()
-    bad_in_row = 0
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"loraprune {cfg.criterion} {cfg.ratio:.0%}",
                disable=not cfg.progress, initial=start, total=cfg.steps)
     for _ in range(start * cfg.grad_accum):  # replay the data order so a resumed run sees the same batches
@@ -186,24 +176,16 @@ def _run(pruner: LoRAPruner, batches, cfg: PruneConfig, schedule: CubicSchedule,
                     break
                 losses.append(loss)
             loss = sum(losses) / len(losses) if len(losses) == cfg.grad_accum else None
-            if loss is not None and not _finite_grads(params):
+            if loss is not None and not pruner.grads_finite():
                 loss = None
             if loss is not None and cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if loss is not None and not pruner.score():
                 loss = None
             if loss is None:
-                bad_in_row += 1
-                pruner.discard_grads()
-                warnings.warn(f"step {step}: non-finite loss, gradients or scores; update skipped", RuntimeWarning,
-                              stacklevel=2)
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"{bad_in_row} steps in a row had NaN/inf loss or gradients; lower lr (now {cfg.lr}) "
-                        "or max_grad_norm, or check the data and the model's dtype"
-                    )
+                pruner.skip_step(step, cfg.lr)
             else:
-                bad_in_row = 0
+                pruner.step_ok()
                 factor = lr_factor(cfg.lr_schedule, step, cfg.steps)
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * factor

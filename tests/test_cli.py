@@ -161,7 +161,7 @@ def test_nan_loss_stops_with_the_fix(work, tmp_path, capsys):
     argv = prune_argv(work, tmp_path / "o", "--max-bad-steps", "2", "--tokenizer", str(work / "model"))
     argv[argv.index("--model") + 1] = str(tmp_path / "nan")
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        assert "lower lr" in error_of(capsys, argv)
+        assert "lower the learning rate" in error_of(capsys, argv)
     assert not (tmp_path / "o" / "config.json").exists()
 
 

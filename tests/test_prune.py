@@ -165,7 +165,7 @@ def test_nan_loss_stops_with_a_clear_error():
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        with pytest.raises(NonFiniteLossError, match="lower lr"):
+        with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
             loraprune.prune(model, random_batches(n=2), ratio=0.5, steps=10, max_bad_steps=3, progress=False)
 
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import loraprune
-from loraprune.errors import DataError
-from loraprune.prune import NonFiniteLossError
+from loraprune.errors import DataError, NonFiniteLossError
 from tiny import random_batches, tiny_config, tiny_model
 
 pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles
