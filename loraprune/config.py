@@ -14,10 +14,9 @@ import math
 import numbers
 from dataclasses import dataclass, field, fields
 
+from .criterion import CRITERIA
 from .errors import ConfigError
 
-#: Names accepted by ``criterion``; the classes live in :mod:`loraprune.criterion`.
-CRITERION_NAMES = ("lora", "grad", "magnitude", "random", "fisher", "taylor", "flap", "wanda-sp")
 NORMALIZE = (None, "module", "l2")
 RANKINGS = ("layer", "global", "adaptive")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -55,7 +54,7 @@ class PruneConfig:
                                   "(per-sequence squared mask gradient of each whole group, from activations), taylor "
                                   "(its absolute batch sum), magnitude, random, flap / wanda-sp (the one-shot baselines' "
                                   "activation scores of o_proj/down_proj inputs, from the training forwards)",
-                                  choices=CRITERION_NAMES)
+                                  choices=CRITERIA)
     square: bool = _opt(False, "square the element score (the paper's formula) instead of the absolute value "
                                "(the official code's choice)")
     normalize: str | None = _opt(None, "per-projection normalisation of group scores before q/k/v/o (gate/up/down) "
@@ -139,7 +138,7 @@ class PruneConfig:
         num("lora_r", 1, integer=True)
         num("lora_alpha", 0, lo_open=True)
         num("lora_dropout", 0, 1, hi_open=True)
-        choice("criterion", CRITERION_NAMES)
+        choice("criterion", CRITERIA)
         choice("normalize", NORMALIZE)
         num("ema", 0, 1, hi_open=True)
         for name in ("prune_start", "prune_end"):
