@@ -131,15 +131,26 @@ class LoRAPruneCallback(TrainerCallback):
             raise TypeError(f"LoRAPruneCallback needs a loraprune.LoRAPruner, got {type(pruner).__name__}")
         self.pruner = pruner
         # the schedule options default to the pruner's PruneConfig (one home for the options)
-        cfg = pruner.config.replace(**{k: v for k, v in dict(prune_start=prune_start, prune_end=prune_end,
-                                                               prune_every=prune_every,
-                                                               max_bad_steps=max_bad_steps).items() if v is not None})
+        schedule_options = {k: v for k, v in dict(prune_start=prune_start, prune_end=prune_end,
+                                                  prune_every=prune_every).items() if v is not None}
+        self._explicit_schedule = sorted(schedule_options)
+        self._check_schedule_source()
+        cfg = pruner.config.replace(**schedule_options, **({} if max_bad_steps is None else
+                                                           {"max_bad_steps": max_bad_steps}))
         self.prune_start, self.prune_end, self.prune_every = cfg.prune_start, cfg.prune_end, cfg.prune_every
         self.max_bad_steps = cfg.max_bad_steps
         self.sync_masks = sync_masks
         self.mask_disagreements = 0
         self._finalized = _NOT_YET
         self._deepspeed = False
+
+    def _check_schedule_source(self) -> None:
+        """A pruner that already has a schedule keeps it: schedule options given here would be ignored."""
+        if self.pruner.schedule is not None and self._explicit_schedule:
+            raise ConfigError(
+                f"the pruner already has a schedule ({self.pruner.schedule}), so {', '.join(self._explicit_schedule)} "
+                "given to LoRAPruneCallback would be ignored; give them to the schedule, or build the pruner without one"
+            )
 
     @property
     def skipped_steps(self) -> int:
@@ -167,6 +178,7 @@ class LoRAPruneCallback(TrainerCallback):
 
     # ---- Trainer events ---------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._check_schedule_source()
         if self.pruner.schedule is None:
             if not state.max_steps or state.max_steps < 1:
                 raise ValueError("LoRAPruneCallback needs a known number of steps: set TrainingArguments(max_steps=...) "

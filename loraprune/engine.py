@@ -51,10 +51,7 @@ class LoRAPruner:
 
     def __init__(self, model: nn.Module, config: PruneConfig | None = None, schedule: CubicSchedule | None = None,
                  **overrides):
-        if isinstance(config, (int, float)) and not isinstance(config, bool):
-            overrides.setdefault("ratio", config)  # LoRAPruner(model, 0.5)
-            config = None
-        cfg = PruneConfig.from_kwargs(config, **overrides)
+        cfg = PruneConfig.from_kwargs(config, **overrides)  # also LoRAPruner(model, 0.5)
         self.config = cfg
         self.model = unwrap_peft(model)
         # ---- plan (reads the model, changes nothing) ----
@@ -83,6 +80,8 @@ class LoRAPruner:
         self._optimizer = None  # bind_optimizer(): progressive compaction needs it
         self.bad_in_row = 0  # non-finite steps in a row (skip_step)
         self.skipped_steps = 0
+        self._finalized = False  # finalize() cuts the model once; restore() cannot undo that
+        self._warned_no_schedule = False
         # physical order of each layer's groups (original indices); identity until cut progressively
         self.attn_order = [torch.arange(lg.n_kv) for lg in self.layers]
         self.mlp_order = [torch.arange(lg.n_channels) for lg in self.layers]
@@ -125,7 +124,10 @@ class LoRAPruner:
     def restore(self) -> None:
         """Put the model back as it was given: original projection modules (LoRA and
         masks gone, rows and columns in their original order), ``requires_grad`` flags.
-        Used when a run fails or is abandoned."""
+        Used when a run fails or is abandoned. After :meth:`finalize` the model has been
+        cut and there is nothing to put back: it does nothing."""
+        if self._finalized:
+            return
         self.importance.detach(self)
         for m in self.lora_modules():
             unpermute_module(m, self._optimizer)
@@ -266,8 +268,19 @@ class LoRAPruner:
                 mods[name].set_keep(kept[name][0])
 
     def step_end(self, step: int) -> bool:
-        """Record the completed optimiser step; update masks if the schedule says so."""
+        """Record the completed optimiser step; update masks if the schedule says so.
+
+        Without a schedule (a hand-written loop that gave none) the masks stay full
+        during training and all the pruning happens in :meth:`finalize`, with no
+        recovery steps after it; that is warned once. Give one with
+        ``LoRAPruner(model, config, schedule=CubicSchedule.for_run(steps, ...))``."""
         self.state.step = step
+        if self.schedule is None and not self._warned_no_schedule:
+            self._warned_no_schedule = True
+            warnings.warn("this LoRAPruner has no schedule: the masks stay full while training and all pruning "
+                          "happens in finalize(), with no recovery after it. Pass schedule=CubicSchedule.for_run("
+                          "steps, config.prune_start, config.prune_end) to prune during training", UserWarning,
+                          stacklevel=2)
         if self.schedule is None or not self.schedule.is_update(step):
             return False
         changed = self.state.update(self.schedule.fraction(step))
@@ -294,7 +307,12 @@ class LoRAPruner:
 
         ``merge=False`` keeps the LoRA layers, gathered to the pruned shapes, for
         :func:`loraprune.export_adapter` (then :func:`loraprune.merge_lora`).
+        A pruner finalizes once: a second call is refused (the model is already cut).
         """
+        if self._finalized:
+            raise LoRAPruneError("finalize() was already called on this LoRAPruner: it cut the model and returned it "
+                                 "(also pruner.model); use that model. To prune again, build a new LoRAPruner on a "
+                                 "freshly loaded model")
         self.reach_target()
         report = self.report()
         self.importance.detach(self)
@@ -305,6 +323,7 @@ class LoRAPruner:
         if self.progressive:  # the kept groups already form each layer's prefix, in original order
             masks = Masks([torch.arange(lg.n_kv) < int(a.sum()) for lg, a in zip(self.layers, masks.attn_keep)],
                           [torch.arange(lg.n_channels) < int(m.sum()) for lg, m in zip(self.layers, masks.mlp_keep)])
+        self._finalized = True  # from here on the model is being cut: restore() has nothing to put back
         model = compact(self.model, masks, self.spec, merge=merge)
         model.loraprune_masks = self.state.masks.clone()  # kept indices of the original model
         self._replaced = []

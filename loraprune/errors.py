@@ -26,3 +26,12 @@ class DataNotFoundError(DataError, FileNotFoundError):
 
 class NonFiniteLossError(LoRAPruneError, RuntimeError):
     """Training produced NaN/inf too many steps in a row."""
+
+
+class OutputPathError(LoRAPruneError, OSError):
+    """A file or directory loraprune is asked to write cannot be written there (a file
+    in the way, a read-only or full disk, ...); the message names the path and the cause."""
+
+
+class OutputExistsError(OutputPathError, FileExistsError):
+    """The output path is taken (a file, or a directory holding other files); the message names the fix."""

@@ -21,9 +21,26 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 DOC_SEPARATOR = "\n\n"
 
 
+def require_text(value: Any, where: str) -> str:
+    """``value`` if it is text; a ``DataError`` naming ``where`` otherwise.
+
+    Text is a ``str`` without NUL characters (which no text file holds: a NUL
+    marks a binary file, e.g. a saved tensor or an archive renamed ``.txt``).
+    ``None``, numbers, lists and objects are refused rather than trained on as
+    their ``str()`` (``"None"``, a dict's repr)."""
+    if not isinstance(value, str):
+        found = "null" if value is None else type(value).__name__
+        raise DataError(f"{where}: expected text (a string), found {found}; give every record its text as a string, "
+                        "or drop the records that have none")
+    if "\x00" in value:
+        raise DataError(f"{where} holds NUL bytes: it is binary data, not text; pass UTF-8 text files")
+    return value
+
+
 def read_text_file(path: Path) -> str:
+    """The whole of one UTF-8 text file."""
     try:
-        return path.read_text(encoding="utf-8")
+        return require_text(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as err:
         raise DataError(
             f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); re-save it as UTF-8 "
@@ -44,7 +61,7 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
         if isinstance(record, str):
             texts.append(record)
         elif isinstance(record, dict) and field in record:
-            texts.append(str(record[field]))
+            texts.append(require_text(record[field], f"{path}:{n}, field {field!r}"))
         else:
             found = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{n}: expected a JSON string or an object with a {field!r} field, found {found}; "
@@ -75,6 +92,19 @@ def _is_path(s: str) -> bool:
     return "\n" not in s and len(s) < 4096 and os.path.exists(s)
 
 
+def check_not_streaming(data: Any) -> None:
+    """Refuse a ``datasets.DatasetDict`` (several splits) and a streaming ``IterableDataset``
+    (no length, possibly endless), naming what to pass instead."""
+    kind = type(data).__name__
+    if kind in ("DatasetDict", "IterableDatasetDict"):
+        splits = list(data.keys())
+        raise DataError(f"data is a {kind} with splits {splits}; pass one split, e.g. ds[{splits[0]!r}]"
+                        if splits else f"data is an empty {kind}; pass one split of a dataset")
+    if kind == "IterableDataset":
+        raise DataError("data is a streaming datasets.IterableDataset (no length, possibly endless); take a finite "
+                        "part first: datasets.Dataset.from_list(list(ds.take(N)))")
+
+
 def read_texts(source: Any, text_field: str = "text") -> list[str]:
     """Documents from a local text source.
 
@@ -90,20 +120,23 @@ def read_texts(source: Any, text_field: str = "text") -> list[str]:
         The documents, in order.
 
     Raises:
-        DataError: a missing path, a non-UTF-8 file, an empty folder, a record
-            or dataset without ``text_field``, or an unsupported type.
+        DataError: a missing path, a non-UTF-8 or binary file, an empty folder, a
+            record or dataset without ``text_field`` or whose text is not a string,
+            a streaming dataset, or an unsupported type.
     """
     if isinstance(source, os.PathLike):
         return _read_path(Path(source), text_field)
     if isinstance(source, str):
         if _is_path(source) or _names_a_file(source):
             return _read_path(Path(source), text_field)
-        return [source]
+        return [require_text(source, "the text")]
+    check_not_streaming(source)
     if hasattr(source, "column_names"):  # a datasets.Dataset, without importing datasets
         if text_field not in source.column_names:
             raise DataError(f"the dataset has no {text_field!r} column (columns: {source.column_names}); "
                             f"select or rename the text column to {text_field!r}")
-        return [str(t) for t in source[text_field] if t is not None]
+        return [require_text(t, f"row {i} of the dataset's {text_field!r} column")
+                for i, t in enumerate(source[text_field])]
     if isinstance(source, Iterable) and not isinstance(source, (bytes, dict, torch.Tensor)):
         out: list[str] = []
         for item in source:

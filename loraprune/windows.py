@@ -78,6 +78,11 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int | None, where: str = "the
             return
     low, high = int(ids.min()), int(ids.max())
     bad = low if low < 0 else high if vocab_size is not None and high >= vocab_size else None
+    if bad is not None and bad < 0 and ignore_index is not None:
+        raise DataError(
+            f"{where}: value {bad} is neither a token id nor the ignore index {ignore_index}; padding in labels must "
+            f"be {ignore_index} (the value the loss skips), e.g. labels[labels == {bad}] = {ignore_index}"
+        )
     if bad is not None:
         limit = f"[0, {vocab_size})" if vocab_size is not None else "non-negative values"
         raise DataError(

@@ -216,11 +216,12 @@ def test_every_config_field_is_an_option_with_its_default_and_help():
 
 def test_option_values_reach_the_config(work, tmp_path):
     args = cli.build_parser().parse_args(prune_argv(work, tmp_path / "o", "--skip-layers", "0,1", "--prune-start",
-                                                   "20", "--prune-end", "0.5", "--normalize", "none", "--square",
+                                                   "1", "--prune-end", "0.5", "--normalize", "none", "--square",
                                                    "--max-grad-norm", "none", "--lr-schedule", "cosine"))
     cfg = cli_prune.config_from_args(args)
-    assert cfg == PruneConfig(steps=4, seq_len=16, batch_size=2, skip_layers=[0, 1], prune_start=20, prune_end=0.5,
-                              normalize=None, square=True, max_grad_norm=None, lr_schedule="cosine")
+    assert cfg == PruneConfig(steps=4, seq_len=16, batch_size=2, skip_layers=[0, 1], prune_start=1, prune_end=0.5,
+                              normalize=None, square=True, max_grad_norm=None, lr_schedule="cosine",
+                              checkpoint_dir=str(tmp_path / "o"))
     assert type(cfg.prune_start) is int and type(cfg.prune_end) is float
     args = cli.build_parser().parse_args(prune_argv(work, tmp_path / "o", "--skip-layers", "paper",
                                                    "--normalize", "l2", "--no-merge"))
