@@ -36,6 +36,9 @@ def _error(code: int, message: str, cls: type = OutputPathError) -> OutputPathEr
 def output_error(path, err: OSError, what: str = "the output") -> OutputPathError:
     """``err`` (raised while writing ``path``) as an :class:`OutputPathError` naming the path and the fix."""
     cause = _CAUSES.get(err.errno, f"{err.strerror or err}; choose another path")
+    blocker = next((a for a in Path(path).parents if a.is_file()), None)
+    if err.errno in (errno.EEXIST, errno.ENOTDIR) and blocker is not None:
+        cause = f"{blocker} is a file, not a directory; choose another path"
     return _error(err.errno, f"cannot write {what} {path}: {cause}")
 
 
