@@ -273,7 +273,7 @@ class PruneConfig:
 
 def _plain(value):
     """A numpy scalar or a 0-d array / tensor as its Python value; anything else unchanged."""
-    if isinstance(value, (str, bytes, bool, int, float)) or value is None:
+    if value is None or type(value) in (str, bytes, bool, int, float):  # np.float64 subclasses float: not here
         return value
     item = getattr(value, "item", None)
     if not (callable(item) and getattr(value, "ndim", None) == 0):
