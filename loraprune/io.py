@@ -171,10 +171,14 @@ def recover_interrupted_swap(out_dir) -> bool:
     again holds the model it held before the interrupted save.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() or not out_dir.parent.is_dir():
+    if not out_dir.parent.is_dir():
         return False
     copies = _old_copies(out_dir)
     if not copies:
+        return False
+    if out_dir.exists():  # the swap completed and only its clean-up was interrupted: the old copies are stale
+        for copy in copies:
+            shutil.rmtree(copy.parent, ignore_errors=True)
         return False
     with suppress(FileExistsError, OSError):
         os.rename(copies[-1], out_dir)
@@ -208,7 +212,11 @@ def _replace(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    os.rename(out_dir, trash / "old")
+    try:
+        os.rename(out_dir, trash / "old")
+    except BaseException:
+        trash.rmdir()
+        raise
     os.rename(tmp, out_dir)  # an interrupt before this line: recover_interrupted_swap() undoes the first
     shutil.rmtree(trash, ignore_errors=True)
 
