@@ -580,10 +580,13 @@ def read_masks(path, info: dict) -> Masks:
 def load_pruned(path, dtype=None, device_map=None, **kwargs) -> nn.Module:
     """Reload a pruned model (uniform or per-layer) with identical logits, no remote code.
 
-    Before any weight is read, config.json, the safetensors headers and
-    ``loraprune_masks.json`` are checked against each other
-    (:func:`inspect_dir`, :func:`read_masks`); a contradiction raises
-    :class:`PrunedModelError` naming the fix.
+    Before any weight is read, config.json, the safetensors headers,
+    ``loraprune_masks.json`` and the parameter totals of the ``loraprune``
+    block are checked against each other (:func:`inspect_dir`,
+    :func:`read_masks`), and ``dtype`` / ``device_map`` against what torch
+    offers; after reading, every floating-point weight must be finite. A
+    failed check raises :class:`PrunedModelError` (or ``LoRAPruneError`` /
+    ``TypeError`` for the arguments) naming the fix.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
