@@ -121,12 +121,12 @@ class PruneConfig:
         ``checkpoint_dir`` a ``str``; ``skip_layers`` a list (of plain values). A value of
         the wrong type is left as it is, for :meth:`validate` to refuse by name."""
         for f in fields(self):
-            setattr(self, f.name, _plain(getattr(self, f.name)))
+            setattr(self, f.name, plain_value(getattr(self, f.name)))
         if isinstance(self.checkpoint_dir, os.PathLike):
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         skip = self.skip_layers
         if skip is not None and skip != "paper" and not isinstance(skip, (str, bytes, dict)) and hasattr(skip, "__iter__"):
-            self.skip_layers = [_plain(i) for i in skip]
+            self.skip_layers = [plain_value(i) for i in skip]
 
     def validate(self) -> "PruneConfig":
         """Check every option; raise :class:`ConfigError` naming the fix."""
@@ -231,8 +231,8 @@ class PruneConfig:
 
         ``config`` may also be a number: the ratio (``prune(model, data, 0.3)``); a
         ``ratio=`` override that contradicts it is refused rather than one of them ignored."""
-        if isinstance(_plain(config), numbers.Real) and not isinstance(config, bool):
-            if "ratio" in overrides and _plain(overrides["ratio"]) != _plain(config):
+        if isinstance(plain_value(config), numbers.Real) and not isinstance(config, bool):
+            if "ratio" in overrides and plain_value(overrides["ratio"]) != plain_value(config):
                 raise ConfigError(f"the ratio is given twice, {config!r} (positional) and ratio={overrides['ratio']!r}; "
                                   "give it once")
             overrides["ratio"] = config
@@ -271,7 +271,7 @@ class PruneConfig:
         return out
 
 
-def _plain(value):
+def plain_value(value):
     """A numpy scalar or a 0-d array / tensor as its Python value; anything else unchanged."""
     if value is None or type(value) in (str, bytes, bool, int, float):  # np.float64 subclasses float: not here
         return value

@@ -46,6 +46,7 @@ from .allocation import allocate, resolve_skip
 from .archs import arch_for, decoder_layers, layer_projections
 from .batches import make_batches
 from .compaction import compact
+from .config import PruneConfig, plain_value
 from .groups import LayerGroups, build_layer_groups, layer_projection_params, removed_params
 from .io import attach_export
 from .lora import unwrap_peft
@@ -156,6 +157,7 @@ class OneShotPlan:
     layers: list[LayerGroups]
     total_params: int
     skip: set[int]
+    config: PruneConfig  # the allocation and data options, validated (Python values)
 
     @property
     def removed_params(self) -> int:
@@ -168,20 +170,24 @@ def oneshot_plan(model, data, ratio, tokenizer=None, method="flap", calib_batche
     """Calibrate on the dense model and choose the groups to keep (the model is not changed)."""
     if method not in METHODS:
         raise ValueError(f"unknown one-shot method {method!r}; choose one of {', '.join(METHODS)}")
-    if not isinstance(calib_batches, int) or calib_batches < 1:
+    calib_batches = plain_value(calib_batches)
+    if not isinstance(calib_batches, int) or isinstance(calib_batches, bool) or calib_batches < 1:
         raise ValueError(f"calib_batches must be a positive integer, got {calib_batches!r}")
+    # the options prune() shares are validated (and numpy values made Python ones) where prune()'s are
+    cfg = PruneConfig(ratio=ratio, skip_layers=skip_layers, ranking=ranking, round_to=round_to, seq_len=seq_len,
+                      batch_size=batch_size, seed=seed)
     spec = arch_for(model)
     layers = build_layer_groups(model, spec)
     total = sum(layer_projection_params(model, spec))
-    skip = resolve_skip(skip_layers, len(layers))
-    allocation = allocate(layers, ratio, total, skip, round_to)
-    torch.manual_seed(seed)
-    batches = make_batches(data, model.config, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed)
+    skip = resolve_skip(cfg.skip_layers, len(layers))
+    allocation = allocate(layers, cfg.ratio, total, skip, cfg.round_to)
+    torch.manual_seed(cfg.seed)
+    batches = make_batches(data, model.config, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
     stats = collect_input_stats(model, itertools.islice(batches, calib_batches), spec)
-    state = PruningState(layers, allocation, ema=0.0, ranking=ranking, skip=skip)
+    state = PruningState(layers, allocation, ema=0.0, ranking=cfg.ranking, skip=skip)
     state.observe(*group_scores(model, layers, stats, method, spec))
     state.update(1.0)
-    return OneShotPlan(state.masks, stats, layers, total, skip)
+    return OneShotPlan(state.masks, stats, layers, total, skip, cfg)
 
 
 @torch.no_grad()
@@ -213,6 +219,8 @@ def oneshot_prune(
     """
     model = unwrap_peft(model)
     spec = arch_for(model)
+    if bias_compensation is not None and not isinstance(bias_compensation, bool):
+        raise TypeError(f"bias_compensation must be True, False or None, got {bias_compensation!r}")
     if bias_compensation is None:
         bias_compensation = method == "flap" and spec.model_type == "llama"
     if bias_compensation and spec.model_type != "llama":
@@ -227,11 +235,13 @@ def oneshot_prune(
     if biases is not None:
         _apply_biases(model, biases, spec)
     after = sum(layer_projection_params(model, spec))
-    settings = dict(ratio=ratio, criterion=f"oneshot-{method}", method=method, bias_compensation=bias_compensation,
-                    calib_batches=calib_batches, calib_tokens=plan.stats[0][0].count, seq_len=seq_len,
-                    batch_size=batch_size, skip_layers=sorted(plan.skip), ranking=ranking, round_to=round_to, seed=seed)
+    opts = plan.config
+    settings = dict(ratio=opts.ratio, criterion=f"oneshot-{method}", method=method,
+                    bias_compensation=bias_compensation, calib_batches=plain_value(calib_batches),
+                    calib_tokens=plan.stats[0][0].count, seq_len=opts.seq_len, batch_size=opts.batch_size,
+                    skip_layers=sorted(plan.skip), ranking=opts.ranking, round_to=opts.round_to, seed=opts.seed)
     PruneReport.measure(
-        plan.layers, plan.masks, plan.total_params, settings, target_ratio=ratio, steps=0,
+        plan.layers, plan.masks, plan.total_params, settings, target_ratio=opts.ratio, steps=0,
         # counts the biases added for compensation (zeros except o_proj/down_proj)
         achieved_ratio_with_biases=1 - after / plan.total_params,
     ).attach(model.config)

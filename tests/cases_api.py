@@ -115,6 +115,14 @@ CASES += [
          r"already has a schedule.*prune_end given to LoRAPruneCallback would be ignored"),
     Case("api-force-resume-without-resume", _prune(force_resume=True), r"force_resume=True only applies with resume"),
     Case("api-checkpoint-every-without-dir", _prune(checkpoint_every=1), r"does nothing without checkpoint_dir"),
+    Case("api-oneshot-skip-layers-int", lambda p: loraprune.oneshot_prune(tiny_model(), random_batches(n=1),
+                                                                        skip_layers=1),
+         r"skip_layers must be None, 'paper' or a list"),
+    Case("api-oneshot-ratio-string", lambda p: loraprune.oneshot_prune(tiny_model(), random_batches(n=1), ratio="0.3"),
+         r"ratio must be a finite number"),
+    Case("api-oneshot-bias-compensation-string", lambda p: loraprune.oneshot_prune(
+        tiny_model(), random_batches(n=1), bias_compensation="yes"), r"bias_compensation must be True, False or None",
+        raises=TypeError),
     # engine misuse
     Case("api-finalize-twice", _finalized_twice, r"finalize\(\) was already called.*use that model"),
 ]

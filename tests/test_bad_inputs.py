@@ -65,6 +65,9 @@ def test_numpy_options_become_python_values_everywhere_they_are_written(tmp_path
     assert saved["settings"]["ratio"] == 0.4 and saved["steps"] == 2
     metas = list((tmp_path / "ck").rglob("meta.json"))
     assert metas and all(json.loads(m.read_text()) for m in metas)
+    one_shot = loraprune.oneshot_prune(tiny_model(), random_batches(n=2), ratio=np.float32(0.3),
+                                       calib_batches=np.int64(2), seq_len=np.int64(16))
+    assert json.loads(json.dumps(one_shot.config.loraprune))["settings"]["ratio"] == 0.3
     torch = __import__("torch")
     x = random_batches(n=1)[0]["input_ids"]
     with torch.no_grad():
