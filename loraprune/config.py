@@ -245,11 +245,13 @@ class PruneConfig:
             hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, known, 1)) else repr(u)
                      for u in unknown]
             raise ConfigError(f"unknown option(s) {', '.join(hints)}; see loraprune.PruneConfig for the options")
-        if config is None:
-            return cls(**overrides)
-        if not isinstance(config, cls):
+        if config is not None and not isinstance(config, cls):
             raise TypeError(f"config must be a loraprune.PruneConfig, got {type(config).__name__}")
-        return dataclasses.replace(config, **overrides)
+        result = cls(**overrides) if config is None else dataclasses.replace(config, **overrides)
+        if "ranking" in overrides and result.ranking != overrides["ranking"]:  # uniform=True turned it into 'layer'
+            raise ConfigError(f"ranking={overrides['ranking']!r} contradicts uniform=True, which ranks per layer; "
+                              "drop one of them")
+        return result
 
     def replace(self, **overrides) -> "PruneConfig":
         return self.from_kwargs(self, **overrides)

@@ -129,6 +129,8 @@ def check_exportable(model: nn.Module) -> None:
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     check_output_dir(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out_dir} exists and is not empty; choose another directory or pass overwrite=True")
@@ -338,8 +340,6 @@ def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=No
     """
     require_pruned(model)
     out_dir = as_path(out_dir, "out_dir")
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         hint = (f" (to save the tokenizer of {tokenizer!r}, pass AutoTokenizer.from_pretrained({tokenizer!r}))"
                 if isinstance(tokenizer, (str, os.PathLike)) else "")

@@ -61,5 +61,8 @@ CASES += [
     Case("config-checkpoint-every-without-dir", _cfg(checkpoint_every=5), r"does nothing without checkpoint_dir"),
     Case("config-force-resume-without-resume", _cfg(force_resume=True, checkpoint_dir="x"),
          r"force_resume=True only applies with resume=True"),
+    Case("config-uniform-override-contradicts-ranking",
+         lambda p: PruneConfig.from_kwargs(PruneConfig(uniform=True), ranking="adaptive"),
+         r"ranking='adaptive' contradicts uniform=True"),
     Case("config-ratio-given-twice", lambda p: PruneConfig.from_kwargs(0.3, ratio=0.5), r"ratio is given twice"),
 ]

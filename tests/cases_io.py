@@ -364,6 +364,9 @@ CASES += [
     Case("type-save-extra-json-numpy", lambda p: save_pruned(pruned_model(), p / "o",
                                                              extra_json={"r.json": {"x": __import__("numpy").float32(1)}}),
          r"extra_json\['r\.json'\] cannot be written as JSON.*float\(x\)", raises=TypeError),
+    Case("type-export-adapter-overwrite-string", lambda p: loraprune.export_adapter(_unmerged(), p / "ad",
+                                                                                   overwrite="no"),
+         r"overwrite must be True or False", raises=TypeError),
     Case("type-load-path-int", lambda p: load_pruned(123), r"path must be a path", raises=TypeError),
     Case("type-load-device-map-int", _load_with(device_map=5), r"device_map must be a string", raises=TypeError),
     # load-time values
