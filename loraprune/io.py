@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from .errors import LoRAPruneError, OutputExistsError
 from .gguf import forget_gguf_origin
-from .lora import LoRALinear, is_peft_lora_layer
+from .lora import LoRALinear, is_peft_lora_layer, unwrap_compiled
 from .masks import Masks
 from .modeling_loraprune import PER_LAYER_CLASSES
 from .paths import as_path, check_output_dir, output_error
@@ -338,6 +338,7 @@ def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=No
     ``{file name: payload}`` files; a name the save itself writes
     (``config.json``, ``loraprune_masks.json``, ...) is refused rather than overwritten.
     """
+    model = unwrap_compiled(model)  # a torch.compile'd pruned model saves as the module it wraps
     require_pruned(model)
     out_dir = as_path(out_dir, "out_dir")
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):

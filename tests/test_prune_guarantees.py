@@ -104,7 +104,7 @@ def test_callback_finalize_saves_the_masks_it_cut_when_training_stops_early():
     assert masks.kept_channels() == [model.config.intermediate_size] * len(masks.kept_channels())
 
 
-def test_a_compiled_model_is_pruned_through_the_module_it_wraps():
+def test_a_compiled_model_is_pruned_through_the_module_it_wraps(tmp_path):
     """prune(torch.compile(model)) prunes the wrapped module and returns it, the same result as pruning
     the plain model (per-layer widths: the export class is the wrapped module's); a failed call on a
     compiled model leaves the module as it was."""
@@ -118,6 +118,10 @@ def test_a_compiled_model_is_pruned_through_the_module_it_wraps():
     assert want.keys() == got.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    out = loraprune.save_pruned(torch.compile(pruned), tmp_path / "c")  # saved as the module it wraps
+    x = random_batches(n=1)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loraprune.load_pruned(out)(x).logits, plain(x).logits, rtol=0, atol=0)
 
     model = tiny_model()
     snap = _snapshot(model)
