@@ -119,7 +119,7 @@ class BenchSetup:
 
     @classmethod
     def create(cls, out=None, smoke=False, preset="default", data_dir=None, cache_dir=None) -> "BenchSetup":
-        from loraprune.reference import resolve_data_dir
+        from loraprune.corpora import resolve_data_dir
 
         # a smoke run never overwrites the real figures
         out = Path(out) if out else (RESULTS_DIR / "smoke" if smoke else RESULTS_DIR)
@@ -142,20 +142,21 @@ class BenchSetup:
 
     # -- data
     def train_texts(self) -> list[str]:
-        from loraprune.reference import read_texts, shakespeare_split
+        from loraprune.corpora import shakespeare_split
+        from loraprune.text_files import read_texts
 
         train, _ = shakespeare_split(self.data_dir)
         return read_texts(train)
 
     def eval_text(self, name: str) -> str:
-        from loraprune.eval import load_eval_text
+        from loraprune.corpora import load_eval_text
 
         return load_eval_text(name, "test", data_dir=self.data_dir)
 
 
 def miniature_data(src: Path, dst: Path) -> Path:
     """A small copy of the shared data folder (first ``SMOKE_BYTES`` of each file) for smoke runs."""
-    from loraprune.reference import shakespeare_split
+    from loraprune.corpora import shakespeare_split
 
     train, held = shakespeare_split(src)
     for p in train[:4] + held:
@@ -176,7 +177,7 @@ def evenly_spaced_windows(stream: torch.Tensor, window: int, max_windows: int | 
     """At most ``max_windows`` non-overlapping ``window``-token windows spread evenly over the
     stream, concatenated; :func:`loraprune.eval.perplexity` with the same ``window`` re-cuts
     exactly these windows. ``None`` keeps every window (the whole text)."""
-    from loraprune.reference import cut_windows
+    from loraprune.windows import cut_windows
 
     rows = cut_windows(stream, window)
     if max_windows is not None and rows.shape[0] > max_windows:

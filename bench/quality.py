@@ -48,7 +48,8 @@ def eval_streams(setup: BenchSetup, tokenizer, windows: dict[str, int], max_wind
 
     A set whose text cannot be found (a clone without ``../shared`` and offline: only the
     Shakespeare sample ships with the package) is left out, with a note."""
-    from loraprune.data import DataError, token_stream
+    from loraprune.errors import DataError
+    from loraprune.windows import token_stream
 
     from .common import evenly_spaced_windows
 
@@ -100,9 +101,9 @@ def _log(msg: str) -> None:
 
 def run(setup: BenchSetup, settings: dict, resume: bool = True, log=_log) -> dict:
     from loraprune import prune
-    from loraprune.data import text_batches
+    from loraprune.batches import text_batches
     from loraprune.oneshot import oneshot_prune
-    from loraprune.reference import cut_windows, token_stream
+    from loraprune.windows import cut_windows, token_stream
 
     out_path = setup.out / "quality.json"
     torch.manual_seed(0)

@@ -113,7 +113,7 @@ def load_smollm2():
 
 
 def _data_dir() -> Path:
-    from loraprune.data import resolve_data_dir
+    from loraprune.corpora import resolve_data_dir
 
     return Path(resolve_data_dir())
 
@@ -121,7 +121,7 @@ def _data_dir() -> Path:
 def eval_windows(tokenizer) -> dict:
     import torch
 
-    from loraprune.data import token_stream
+    from loraprune.windows import token_stream
 
     out = {}
     for name, (rel, window, n) in EVALS.items():
@@ -154,7 +154,7 @@ def evaluate(model, windows: dict) -> dict:
 def train_batches(tokenizer, seq_len: int, batch_size: int, n: int, seed: int) -> list[dict]:
     import torch
 
-    from loraprune.data import cut_windows, token_stream
+    from loraprune.windows import cut_windows, token_stream
 
     rows = cut_windows(token_stream(tokenizer, [str(_data_dir() / "wikitext-2/valid.txt")]), seq_len)
     g = torch.Generator().manual_seed(seed)

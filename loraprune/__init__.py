@@ -9,8 +9,8 @@ callback :class:`LoRAPruneCallback` (imported on first use, so ``import
 loraprune`` does not pull in ``transformers.Trainer``).
 
 The parts behind these (criteria, masks, groups, architectures, checkpoints,
-data and evaluation helpers) stay public in their modules, e.g.
-``loraprune.data.make_batches`` or ``loraprune.masks.Masks``.
+data and evaluation helpers, errors) stay public in their modules, e.g.
+``loraprune.batches.make_batches``, ``loraprune.masks.Masks`` or ``loraprune.errors.DataError``.
 """
 from __future__ import annotations
 
@@ -35,23 +35,8 @@ __all__ = [
     "export_adapter", "load_pruned", "merge_lora", "oneshot_prune", "perplexity", "prune", "save_pruned",
 ]
 
-#: Imported on first access: the Trainer callback (heavy imports), and names that
-#: used to be exported here and now live only in their modules (kept working).
-_LAZY = {
-    "LoRAPruneCallback": "callback",
-    "ARCHS": "archs", "ArchSpec": "archs", "arch_for": "archs",
-    "ModuleLayoutError": "archs", "UnsupportedArchitectureError": "archs",
-    "Allocation": "allocation", "allocate": "allocation",
-    "Checkpointer": "checkpoint", "CheckpointError": "checkpoint",
-    "CRITERIA": "criterion", "score_module": "criterion",
-    "DataError": "data",
-    "LayerGroups": "groups", "build_layer_groups": "groups",
-    "PrunedModelError": "io", "attach_export": "io",
-    "LoRALinear": "lora",
-    "Masks": "masks",
-    "NonFiniteLossError": "prune",
-    "PruningState": "state",
-}
+#: Imported on first access: the Trainer callback (``transformers.Trainer`` is a heavy import).
+_LAZY = {"LoRAPruneCallback": "callback"}
 
 
 def __getattr__(name: str):

@@ -67,7 +67,6 @@ Distributed training (via Accelerate):
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import torch
@@ -76,20 +75,15 @@ from transformers import TrainerCallback
 
 from .checkpoint import restore_pruning_state, save_pruning_state
 from .criterion import ProjectionImportance
-from .distributed import finalize_sharded, is_sharded, local, uses_deepspeed
+from .distributed import data_parallel, finalize_sharded, is_sharded, on_comm_device, uses_deepspeed
 from .engine import LoRAPruner
 from .errors import ConfigError
-from .prune import NonFiniteLossError
 from .schedule import CubicSchedule
 
 log = logging.getLogger("loraprune")
 
 STATE_DIR = "loraprune_state"  # inside each Trainer checkpoint-N folder
 _NOT_YET = object()  # finalize() not called yet (None is rank > 0's answer under FSDP2)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _fsdp_class():
@@ -137,17 +131,31 @@ class LoRAPruneCallback(TrainerCallback):
             raise TypeError(f"LoRAPruneCallback needs a loraprune.LoRAPruner, got {type(pruner).__name__}")
         self.pruner = pruner
         # the schedule options default to the pruner's PruneConfig (one home for the options)
-        cfg = pruner.config.replace(**{k: v for k, v in dict(prune_start=prune_start, prune_end=prune_end,
-                                                               prune_every=prune_every,
-                                                               max_bad_steps=max_bad_steps).items() if v is not None})
+        schedule_options = {k: v for k, v in dict(prune_start=prune_start, prune_end=prune_end,
+                                                  prune_every=prune_every).items() if v is not None}
+        self._explicit_schedule = sorted(schedule_options)
+        self._check_schedule_source()
+        cfg = pruner.config.replace(**schedule_options, **({} if max_bad_steps is None else
+                                                           {"max_bad_steps": max_bad_steps}))
         self.prune_start, self.prune_end, self.prune_every = cfg.prune_start, cfg.prune_end, cfg.prune_every
         self.max_bad_steps = cfg.max_bad_steps
         self.sync_masks = sync_masks
-        self.bad_in_row = 0
-        self.skipped_steps = 0
         self.mask_disagreements = 0
         self._finalized = _NOT_YET
         self._deepspeed = False
+
+    def _check_schedule_source(self) -> None:
+        """A pruner that already has a schedule keeps it: schedule options given here would be ignored."""
+        if self.pruner.schedule is not None and self._explicit_schedule:
+            raise ConfigError(
+                f"the pruner already has a schedule ({self.pruner.schedule}), so {', '.join(self._explicit_schedule)} "
+                "given to LoRAPruneCallback would be ignored; give them to the schedule, or build the pruner without one"
+            )
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimiser steps skipped for NaN/inf gradients or scores (counted by the engine)."""
+        return self.pruner.skipped_steps
 
     # ---- helpers for users ----------------------------------------------------------
     def optimizer(self, lr: float = 2e-4, weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
@@ -170,6 +178,7 @@ class LoRAPruneCallback(TrainerCallback):
 
     # ---- Trainer events ---------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._check_schedule_source()
         if self.pruner.schedule is None:
             if not state.max_steps or state.max_steps < 1:
                 raise ValueError("LoRAPruneCallback needs a known number of steps: set TrainingArguments(max_steps=...) "
@@ -213,48 +222,23 @@ class LoRAPruneCallback(TrainerCallback):
             )
         if fsdp is not None:
             with type(fsdp).summon_full_params(fsdp, with_grads=True, writeback=False, recurse=True):
-                finite = self._grads_finite(params)
-                if finite:
-                    self.pruner.score()
+                finite = self.pruner.grads_finite() and self.pruner.score()
         else:
-            finite = self._grads_finite(params)
-            if finite:
-                self.pruner.score()
-        if not finite:
-            # AdamW skips parameters without a gradient: the update is skipped; the
-            # frozen weights' gradients (``grad`` criterion) must not leak either
-            self.pruner.discard_grads()
-            warnings.warn(f"step {state.global_step + 1}: non-finite gradients; update skipped", RuntimeWarning,
-                          stacklevel=2)
+            finite = self.pruner.grads_finite() and self.pruner.score()
+        # AdamW skips parameters without a gradient: skip_step() drops them, so the update is skipped
         self._count_bad(finite, args, state)
 
     def _count_bad(self, finite: bool, args, state) -> None:
         if finite:
-            self.bad_in_row = 0
-            return
-        self.bad_in_row += 1
-        self.skipped_steps += 1
-        if self.bad_in_row >= self.max_bad_steps:
-            raise NonFiniteLossError(
-                f"{self.bad_in_row} steps in a row had NaN/inf gradients; lower the learning rate (now "
-                f"{args.learning_rate}) or max_grad_norm, or check the data and the model's dtype"
-            )
-
-    @staticmethod
-    def _grads_finite(params) -> bool:
-        # under FSDP2 each rank checks its own shard; the all-reduce below decides for all
-        flags = torch.tensor([all(p.grad is None or bool(torch.isfinite(local(p.grad)).all()) for p in params)],
-                             dtype=torch.uint8)
-        if _distributed():  # one decision for all ranks (they must skip together)
-            flags = _on_comm_device(flags)
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        return bool(flags.item())
+            self.pruner.step_ok()
+        else:
+            self.pruner.skip_step(state.global_step + 1, args.learning_rate, limit=self.max_bad_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         updating = self.pruner.schedule.is_update(step)
         self.pruner.step_end(step)
-        if updating and self.sync_masks and _distributed():
+        if updating and self.sync_masks and data_parallel():
             self._broadcast_masks()
 
     def on_save(self, args, state, control, **kwargs):
@@ -272,7 +256,7 @@ class LoRAPruneCallback(TrainerCallback):
         """Rank 0's masks everywhere (one packed uint8 tensor); count disagreements."""
         masks = self.pruner.state.masks
         local = torch.cat([m.to(torch.uint8) for m in masks.attn_keep + masks.mlp_keep])
-        packed = _on_comm_device(local.clone())
+        packed = on_comm_device(local.clone())
         dist.broadcast(packed, src=0)
         packed = packed.cpu()
         if not torch.equal(packed, local):
@@ -292,10 +276,3 @@ class LoRAPruneCallback(TrainerCallback):
                 "LoRAPruneCallback; resume from a checkpoint it wrote, or start anew"
             )
         restore_pruning_state(self.pruner, folder)
-
-
-def _on_comm_device(t: torch.Tensor) -> torch.Tensor:
-    """NCCL only moves CUDA tensors; gloo works on CPU."""
-    if dist.get_backend() == "nccl":
-        return t.to(torch.device("cuda", torch.cuda.current_device()))
-    return t

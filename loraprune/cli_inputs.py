@@ -170,9 +170,8 @@ def load_tokenizer(name: str):
 
 
 def eval_texts(data: str, split: str = "test", option: str = "--data"):
-    """Texts for perplexity: local files/folders via :mod:`loraprune.data`, else named/hub sets."""
-    from .data import load_texts
-    from .eval import load_eval_text
+    """Texts for perplexity: local files/folders via :mod:`loraprune.corpora`, else named/hub sets."""
+    from .corpora import load_eval_text, load_texts
 
     check_path_exists(option, data, "a .txt/.jsonl file, a folder of them, or wikitext2 / ptb / shakespeare")
     if os.path.exists(data):

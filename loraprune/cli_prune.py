@@ -29,6 +29,7 @@ from .cli_inputs import (
 )
 from .config import RUN_DEFINING, PruneConfig
 from .errors import ConfigError
+from .paths import check_output_dir
 from .tables import format_table
 
 RUN_FILE = "run.json"  # inside OUTPUT/checkpoints: what the interrupted run was pruning
@@ -112,6 +113,8 @@ def config_from_args(args) -> PruneConfig:
     values = {f.name: getattr(args, f.name) for f in cli_fields()}
     if values.get("checkpoint_every") == 0:
         values["checkpoint_every"] = None  # 0 = no checkpoints (see checkpoints_off); not a PruneConfig value
+    else:
+        values["checkpoint_dir"] = str(args.output)  # where the CLI checkpoints (see cmd_prune)
     try:
         return PruneConfig(**values)
     except ConfigError as err:
@@ -182,6 +185,7 @@ def check_output(out: Path, resume: bool, overwrite: bool, run: dict, force: boo
 
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output {out} exists and is not a directory; choose another --output")
+    check_output_dir(out, "--output")  # a file on the way, a read-only disk: refused before training
     has_checkpoints = bool(Checkpointer(out).complete())
     contents = [p for p in sorted(out.iterdir()) if has_checkpoints or p.name != CHECKPOINTS] if out.is_dir() else []
     if contents and not (resume or overwrite):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass, field, fields
 
+from .criterion import CRITERIA
 from .errors import ConfigError
 
-#: Names accepted by ``criterion``; the classes live in :mod:`loraprune.criterion`.
-CRITERION_NAMES = ("lora", "grad", "magnitude", "random", "fisher", "taylor", "flap", "wanda-sp")
 NORMALIZE = (None, "module", "l2")
 RANKINGS = ("layer", "global", "adaptive")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -55,7 +55,7 @@ class PruneConfig:
                                   "(per-sequence squared mask gradient of each whole group, from activations), taylor "
                                   "(its absolute batch sum), magnitude, random, flap / wanda-sp (the one-shot baselines' "
                                   "activation scores of o_proj/down_proj inputs, from the training forwards)",
-                                  choices=CRITERION_NAMES)
+                                  choices=CRITERIA)
     square: bool = _opt(False, "square the element score (the paper's formula) instead of the absolute value "
                                "(the official code's choice)")
     normalize: str | None = _opt(None, "per-projection normalisation of group scores before q/k/v/o (gate/up/down) "
@@ -108,11 +108,26 @@ class PruneConfig:
                                      "tokenizer", cli=False)
 
     def __post_init__(self):
+        self._normalize()
         if self.uniform is True and self.ranking == "adaptive":
             self.ranking = "layer"  # uniform widths are what layer-wise ranking gives
         self.validate()
 
     # ---- validation -----------------------------------------------------------
+    def _normalize(self) -> None:
+        """Every option as a plain Python value, so nothing unserialisable reaches the report,
+        a checkpoint or ``config.json``: numpy scalars and 0-d arrays or tensors
+        (``np.float32(0.3)``, ``np.int64(3)``) become their Python number, bool or str;
+        ``checkpoint_dir`` a ``str``; ``skip_layers`` a list (of plain values). A value of
+        the wrong type is left as it is, for :meth:`validate` to refuse by name."""
+        for f in fields(self):
+            setattr(self, f.name, plain_value(getattr(self, f.name)))
+        if isinstance(self.checkpoint_dir, os.PathLike):
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        skip = self.skip_layers
+        if skip is not None and skip != "paper" and not isinstance(skip, (str, bytes, dict)) and hasattr(skip, "__iter__"):
+            self.skip_layers = [plain_value(i) for i in skip]
+
     def validate(self) -> "PruneConfig":
         """Check every option; raise :class:`ConfigError` naming the fix."""
         def num(name, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, allow_none=False):
@@ -139,7 +154,7 @@ class PruneConfig:
         num("lora_r", 1, integer=True)
         num("lora_alpha", 0, lo_open=True)
         num("lora_dropout", 0, 1, hi_open=True)
-        choice("criterion", CRITERION_NAMES)
+        choice("criterion", CRITERIA)
         choice("normalize", NORMALIZE)
         num("ema", 0, 1, hi_open=True)
         for name in ("prune_start", "prune_end"):
@@ -164,18 +179,64 @@ class PruneConfig:
             if not isinstance(value, bool) and not (name == "gradient_checkpointing" and value is None):
                 raise ConfigError(f"{name} must be True or False{' (or None)' if name == 'gradient_checkpointing' else ''}, "
                                   f"got {value!r}")
+        self._validate_paths_and_layers()
+        self._validate_schedule()
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume=True needs checkpoint_dir=<the directory of the interrupted run>")
+        if self.force_resume and not self.resume:
+            raise ConfigError("force_resume=True only applies with resume=True (it resumes checkpoints written for "
+                              "another model or data); pass resume=True too, or drop force_resume")
+        if self.checkpoint_every is not None and not self.checkpoint_dir:
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every} does nothing without checkpoint_dir; "
+                              "pass checkpoint_dir=<a directory> to checkpoint, or drop checkpoint_every")
         if self.uniform and (self.skip_layers or self.ranking != "layer"):
             raise ConfigError("uniform=True needs every layer pruned alike: drop skip_layers and use ranking='layer'")
         if self.ranking != "layer" and self.round_to > 1:
             raise ConfigError("round_to applies per layer: use ranking='layer' with round_to > 1")
         return self
 
+    def _validate_paths_and_layers(self) -> None:
+        v = self.checkpoint_dir
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise ConfigError(f"checkpoint_dir must be a directory path (str or pathlib.Path), got {v!r}")
+        skip = self.skip_layers
+        if skip is None or skip == "paper":
+            return
+        if not isinstance(skip, list) or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                                 for i in skip):
+            raise ConfigError(f"skip_layers must be None, 'paper' or a list of layer indices (e.g. [0, 1]), "
+                              f"got {skip!r}")
+
+    def _validate_schedule(self) -> None:
+        """``prune_start``/``prune_end``: a float is a fraction of ``steps`` (at most 1), an int a step number
+        (at most ``steps``); pruning must end after it starts."""
+        ends = {}
+        for name in ("prune_start", "prune_end"):
+            v = getattr(self, name)
+            if isinstance(v, float) and v > 1:
+                raise ConfigError(f"{name}={v!r} is a float, i.e. a fraction of steps, and must be <= 1; pass an int "
+                                  f"({int(v)}) for a step number")
+            if isinstance(v, numbers.Integral) and v > self.steps:
+                raise ConfigError(f"{name}={v} is after the last step (steps={self.steps}); pass a step number <= "
+                                  "steps or a fraction of steps (a float)")
+            ends[name] = v * self.steps if isinstance(v, float) else v
+        if ends["prune_start"] >= ends["prune_end"]:
+            raise ConfigError(f"prune_start={self.prune_start!r} is not before prune_end={self.prune_end!r} "
+                              f"(steps={self.steps}): pruning must end after it starts")
+
     # ---- construction -----------------------------------------------------------
     @classmethod
-    def from_kwargs(cls, config: "PruneConfig | None" = None, **overrides) -> "PruneConfig":
-        """``config`` (or the defaults) with ``overrides`` applied; unknown names are refused."""
+    def from_kwargs(cls, config: "PruneConfig | float | None" = None, **overrides) -> "PruneConfig":
+        """``config`` (or the defaults) with ``overrides`` applied; unknown names are refused.
+
+        ``config`` may also be a number: the ratio (``prune(model, data, 0.3)``); a
+        ``ratio=`` override that contradicts it is refused rather than one of them ignored."""
+        if isinstance(plain_value(config), numbers.Real) and not isinstance(config, bool):
+            if "ratio" in overrides and plain_value(overrides["ratio"]) != plain_value(config):
+                raise ConfigError(f"the ratio is given twice, {config!r} (positional) and ratio={overrides['ratio']!r}; "
+                                  "give it once")
+            overrides["ratio"] = config
+            config = None
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -184,11 +245,13 @@ class PruneConfig:
             hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, known, 1)) else repr(u)
                      for u in unknown]
             raise ConfigError(f"unknown option(s) {', '.join(hints)}; see loraprune.PruneConfig for the options")
-        if config is None:
-            return cls(**overrides)
-        if not isinstance(config, cls):
+        if config is not None and not isinstance(config, cls):
             raise TypeError(f"config must be a loraprune.PruneConfig, got {type(config).__name__}")
-        return dataclasses.replace(config, **overrides)
+        result = cls(**overrides) if config is None else dataclasses.replace(config, **overrides)
+        if "ranking" in overrides and result.ranking != overrides["ranking"]:  # uniform=True turned it into 'layer'
+            raise ConfigError(f"ranking={overrides['ranking']!r} contradicts uniform=True, which ranks per layer; "
+                              "drop one of them")
+        return result
 
     def replace(self, **overrides) -> "PruneConfig":
         return self.from_kwargs(self, **overrides)
@@ -208,6 +271,19 @@ class PruneConfig:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             out.append((f.name, default, f.metadata["help"].replace("%%", "%")))
         return out
+
+
+def plain_value(value):
+    """A numpy scalar or a 0-d array / tensor as its Python value; anything else unchanged."""
+    if value is None or type(value) in (str, bytes, bool, int, float):  # np.float64 subclasses float: not here
+        return value
+    item = getattr(value, "item", None)
+    if not (callable(item) and getattr(value, "ndim", None) == 0):
+        return value
+    out = item()
+    if isinstance(out, float) and type(value).__module__ == "numpy" and value.dtype.itemsize < 8:
+        out = float(str(value))  # np.float32(0.3) -> 0.3, the number the user wrote, not 0.30000001192092896
+    return out
 
 
 #: Options that change which groups are pruned or how LoRA trains: a checkpoint

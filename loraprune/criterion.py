@@ -5,7 +5,7 @@ statistics, nothing) into one score per attention KV group and per MLP channel
 of every layer; :mod:`loraprune.state` folds those into the EMA that decides
 the masks. As in Torch-Pruning's ``Importance`` classes, each criterion says
 what it needs, and adding one means adding one class here and a line in
-:data:`REGISTRY`.
+:data:`REGISTRY` (the one list of names: ``PruneConfig.criterion`` takes its choices from it).
 
 Projection criteria (``lora``, ``grad``, ``magnitude``) score every weight of
 the seven projections, with ``W' = W + s·B·A``, and sum rows (q/k/v/gate/up)
@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .config import CRITERION_NAMES
+from .activation_scores import METHODS, InputStats, layer_scores
 from .distributed import projection_sums
 from .errors import ConfigError
 from .lora import LoRALinear
@@ -66,6 +66,11 @@ class Importance:
     name = ""
     needs_weight_grad = False
     needs_backward = True
+
+    @classmethod
+    def from_config(cls, config) -> "Importance":
+        """This criterion with its options read from a :class:`~loraprune.config.PruneConfig`."""
+        return cls()
 
     def attach(self, pruner) -> None:
         """Called once, after LoRA is injected (hooks, weight gradients, a one-off draw)."""
@@ -105,6 +110,10 @@ class ProjectionImportance(Importance):
     def __init__(self, square: bool = False, normalize: str | None = None):
         self.square = square
         self.normalize = normalize
+
+    @classmethod
+    def from_config(cls, config) -> "ProjectionImportance":
+        return cls(square=config.square, normalize=config.normalize)
 
     def module_sums(self, module: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
         """``(row_sums, col_sums)`` of the element scores of one projection, fp32."""
@@ -230,6 +239,10 @@ class RandomImportance(Importance):
     name = "random"
     needs_backward = False
 
+    @classmethod
+    def from_config(cls, config) -> "RandomImportance":
+        return cls(seed=config.seed)
+
     def __init__(self, seed: int = 0):
         self.seed = seed
 
@@ -282,6 +295,10 @@ class MaskGradientImportance(Importance):
     per-sequence sums; gradient accumulation adds micro-batches up until :meth:`scores`
     reads them. Works under gradient checkpointing (and keeps its memory saving).
     """
+
+    @classmethod
+    def from_config(cls, config) -> "MaskGradientImportance":
+        return cls(reduce=config.criterion)
 
     def __init__(self, reduce: str = "fisher"):
         if reduce not in ("fisher", "taylor"):
@@ -364,8 +381,8 @@ class MaskGradientImportance(Importance):
 class ActivationImportance(Importance):
     """FLAP or Wanda-sp group scores, from the activations of the training forwards.
 
-    The one-shot formulas of :mod:`loraprune.oneshot` (:class:`~loraprune.oneshot.InputStats`,
-    :func:`~loraprune.oneshot.layer_scores`), computed with the current merged
+    The one-shot formulas of :mod:`loraprune.activation_scores` (:class:`~loraprune.activation_scores.InputStats`,
+    :func:`~loraprune.activation_scores.layer_scores`), computed with the current merged
     weight ``W' = W + s·B·A`` of o_proj / down_proj and the statistics of their
     inputs over the tokens of this step's training forwards (forward pre-hooks;
     gradient accumulation merges the micro-batches). ``method="flap"``:
@@ -382,8 +399,12 @@ class ActivationImportance(Importance):
 
     needs_backward = False
 
+    @classmethod
+    def from_config(cls, config) -> "ActivationImportance":
+        return cls(method=config.criterion)
+
     def __init__(self, method: str = "flap"):
-        if method not in ("flap", "wanda-sp"):
+        if method not in METHODS:
             raise ConfigError(f"method must be 'flap' or 'wanda-sp', got {method!r}")
         self.method = method
         self.name = method
@@ -403,8 +424,6 @@ class ActivationImportance(Importance):
         self._handles = []
 
     def _hook(self, i: int, slot: int):
-        from .oneshot import InputStats
-
         def pre_hook(module, args):
             if not torch.is_grad_enabled() or getattr(module, "bypass", False):
                 return  # the teacher's or an evaluation forward
@@ -417,8 +436,6 @@ class ActivationImportance(Importance):
 
     @torch.no_grad()
     def scores(self, pruner):
-        from .oneshot import layer_scores
-
         if any(st is None for pair in self._stats for st in pair):
             return None  # no training forward reached every layer this step
         s = pruner.spec
@@ -464,7 +481,6 @@ REGISTRY: dict[str, type[Importance]] = {
     "flap": ActivationImportance,
     "wanda-sp": ActivationImportance,
 }
-assert set(REGISTRY) == set(CRITERION_NAMES), "config.CRITERION_NAMES and criterion.REGISTRY must agree"
 
 
 def make_importance(config) -> Importance:
@@ -472,17 +488,10 @@ def make_importance(config) -> Importance:
     cls = REGISTRY.get(config.criterion)
     if cls is None:
         raise ConfigError(f"unknown criterion {config.criterion!r}; choose one of {', '.join(REGISTRY)}")
-    if issubclass(cls, ProjectionImportance):
-        return cls(square=config.square, normalize=config.normalize)
-    if cls is RandomImportance:
-        return cls(seed=config.seed)
-    if cls is MaskGradientImportance:
-        return cls(reduce=config.criterion)
-    if cls is ActivationImportance:
-        return cls(method=config.criterion)
-    return cls()
+    return cls.from_config(config)
 
 
+#: The criterion names (``PruneConfig.criterion``'s choices): the registry is their one list.
 CRITERIA = tuple(REGISTRY)
 
 

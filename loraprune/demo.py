@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .cli_prune import add_config_options, config_from_args
-from .data import load_texts, resolve_data_dir, shakespeare_split
+from .corpora import load_texts, resolve_data_dir, shakespeare_split
 from .eval import perplexity, tokens_per_second
 from .groups import layer_projection_params
 from .io import save_pruned

@@ -82,6 +82,27 @@ def is_zero3(t) -> bool:
     return hasattr(t, "ds_id") and hasattr(t, "ds_status")
 
 
+def data_parallel() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def on_comm_device(t: torch.Tensor) -> torch.Tensor:
+    """NCCL only moves CUDA tensors; gloo works on CPU."""
+    if dist.get_backend() == "nccl":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
+
+
+def all_ranks(flag: bool) -> bool:
+    """``flag`` and-ed over every data-parallel rank (itself outside a process group)."""
+    if not data_parallel():
+        return flag
+    t = on_comm_device(torch.tensor([flag], dtype=torch.uint8))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether parameters of ``model`` are partitioned across ranks: DTensors (FSDP2
     ``fully_shard``, tensor parallelism) or DeepSpeed ZeRO-3 parameters."""
@@ -234,10 +255,7 @@ def unsharded_pruner(pruner):
                 value = made.setdefault(id(value), nn.Parameter(value, flags.get(name, False)))
             _set_tensor(twin, name, value, kind == "param", flags.get(name, False))
     twin_pruner = copy.copy(pruner)
-    twin_pruner.model = twin
-    twin_pruner.modules = modules
-    twin_pruner._replaced = []
-    twin_pruner.apply_masks()
+    twin_pruner.rebind(twin, modules)
     return twin_pruner
 
 

@@ -8,7 +8,9 @@ same object:
 1. ``pruner.lora_parameters()`` go to the optimiser, and ``pruner.bind_optimizer(opt)``
    lets the pruner cut groups out progressively (:mod:`loraprune.progressive`: the
    optimiser state follows the cut); without it, training stays masked;
-2. after ``loss.backward()``: ``pruner.score()`` (uses the gradients);
+2. after ``loss.backward()``: if ``pruner.grads_finite()``, ``pruner.score()`` (uses
+   the gradients); if either is not, ``pruner.skip_step(step, lr)`` instead of the
+   optimiser step (the one policy for NaN/inf steps);
 3. after ``optimizer.step()``: ``pruner.step_end(step)`` (masks on schedule);
 4. at the end: ``pruner.finalize()`` cuts, merges and returns the model.
 """
@@ -22,16 +24,17 @@ import torch
 import torch.nn as nn
 
 from .allocation import allocate, resolve_skip
-from .archs import arch_for, decoder_layers, layer_projections, get_submodule
+from .archs import arch_for, decoder_layers, get_submodule, layer_projections
 from .compaction import compact
 from .config import RUN_DEFINING, PruneConfig
 from .criterion import Importance, make_importance
-from .errors import ConfigError, LoRAPruneError
+from .distributed import all_ranks, local
+from .errors import ConfigError, LoRAPruneError, NonFiniteLossError
 from .groups import build_layer_groups, layer_projection_params, removed_params
-from .report import PruneReport
 from .lora import LoRALinear, is_peft_lora_layer, unwrap_peft, wrap_linear
 from .masks import Masks
 from .progressive import reorder_layer, to_original, unpermute_module
+from .report import PruneReport
 from .schedule import CubicSchedule
 from .state import PruningState
 
@@ -48,10 +51,7 @@ class LoRAPruner:
 
     def __init__(self, model: nn.Module, config: PruneConfig | None = None, schedule: CubicSchedule | None = None,
                  **overrides):
-        if isinstance(config, (int, float)) and not isinstance(config, bool):
-            overrides.setdefault("ratio", config)  # LoRAPruner(model, 0.5)
-            config = None
-        cfg = PruneConfig.from_kwargs(config, **overrides)
+        cfg = PruneConfig.from_kwargs(config, **overrides)  # also LoRAPruner(model, 0.5)
         self.config = cfg
         self.model = unwrap_peft(model)
         # ---- plan (reads the model, changes nothing) ----
@@ -78,6 +78,10 @@ class LoRAPruner:
         self.settings["skip_layers"] = sorted(skip)
         self.importance: Importance = make_importance(cfg)
         self._optimizer = None  # bind_optimizer(): progressive compaction needs it
+        self.bad_in_row = 0  # non-finite steps in a row (skip_step)
+        self.skipped_steps = 0
+        self._finalized = False  # finalize() cuts the model once; restore() cannot undo that
+        self._warned_no_schedule = False
         # physical order of each layer's groups (original indices); identity until cut progressively
         self.attn_order = [torch.arange(lg.n_kv) for lg in self.layers]
         self.mlp_order = [torch.arange(lg.n_channels) for lg in self.layers]
@@ -120,7 +124,10 @@ class LoRAPruner:
     def restore(self) -> None:
         """Put the model back as it was given: original projection modules (LoRA and
         masks gone, rows and columns in their original order), ``requires_grad`` flags.
-        Used when a run fails or is abandoned."""
+        Used when a run fails or is abandoned. After :meth:`finalize` the model has been
+        cut and there is nothing to put back: it does nothing."""
+        if self._finalized:
+            return
         self.importance.detach(self)
         for m in self.lora_modules():
             unpermute_module(m, self._optimizer)
@@ -132,6 +139,17 @@ class LoRAPruner:
             if id(p) in self._saved_requires_grad:
                 p.requires_grad_(self._saved_requires_grad[id(p)])
                 p.grad = None
+
+    def rebind(self, model: nn.Module, modules: list[dict[str, LoRALinear]]) -> None:
+        """Point this engine at another copy of its model: ``modules`` are that copy's
+        LoRA layers (per decoder layer, by projection name), e.g. an unsharded twin of
+        a sharded model (:func:`loraprune.distributed.unsharded_pruner`). The copy is
+        not the model given, so :meth:`restore` has nothing to put back there; the
+        current masks are applied to it."""
+        self.model = model
+        self.modules = modules
+        self._replaced = []
+        self.apply_masks()
 
     def lora_modules(self) -> list[LoRALinear]:
         return [m for mods in self.modules for m in mods.values()]
@@ -203,6 +221,34 @@ class LoRAPruner:
             m.base.weight.grad = None
         self.importance.clear(self)
 
+    # ---- non-finite steps ---------------------------------------------------------
+    def grads_finite(self) -> bool:
+        """True if every LoRA gradient of this step is finite; under data parallelism
+        (each rank checks its own shard) one answer for all ranks: they must skip together."""
+        ok = all(p.grad is None or bool(torch.isfinite(local(p.grad)).all()) for p in self.lora_parameters())
+        return all_ranks(ok)
+
+    def skip_step(self, step: int, lr: float, limit: int | None = None) -> None:
+        """The policy for a step whose loss, gradients or scores are not finite: drop its
+        gradients and evidence (:meth:`discard_grads`), warn, and after ``limit``
+        (default ``config.max_bad_steps``) such steps in a row raise
+        :class:`~loraprune.errors.NonFiniteLossError`. The caller skips the optimiser step."""
+        self.bad_in_row += 1
+        self.skipped_steps += 1
+        self.discard_grads()
+        warnings.warn(f"step {step}: non-finite loss, gradients or scores; update skipped", RuntimeWarning,
+                      stacklevel=3)
+        limit = self.config.max_bad_steps if limit is None else limit
+        if self.bad_in_row >= limit:
+            raise NonFiniteLossError(
+                f"{self.bad_in_row} steps in a row had NaN/inf loss, gradients or scores; lower the learning rate "
+                f"(now {lr}) or max_grad_norm, or check the data and the model's dtype"
+            )
+
+    def step_ok(self) -> None:
+        """A finite step: the count of non-finite steps in a row starts again."""
+        self.bad_in_row = 0
+
     # ---- masks ------------------------------------------------------------------
     def apply_masks(self) -> None:
         """Make the student compute only the kept groups: progressively (the kept groups
@@ -222,8 +268,19 @@ class LoRAPruner:
                 mods[name].set_keep(kept[name][0])
 
     def step_end(self, step: int) -> bool:
-        """Record the completed optimiser step; update masks if the schedule says so."""
+        """Record the completed optimiser step; update masks if the schedule says so.
+
+        Without a schedule (a hand-written loop that gave none) the masks stay full
+        during training and all the pruning happens in :meth:`finalize`, with no
+        recovery steps after it; that is warned once. Give one with
+        ``LoRAPruner(model, config, schedule=CubicSchedule.for_run(steps, ...))``."""
         self.state.step = step
+        if self.schedule is None and not self._warned_no_schedule:
+            self._warned_no_schedule = True
+            warnings.warn("this LoRAPruner has no schedule: the masks stay full while training and all pruning "
+                          "happens in finalize(), with no recovery after it. Pass schedule=CubicSchedule.for_run("
+                          "steps, config.prune_start, config.prune_end) to prune during training", UserWarning,
+                          stacklevel=2)
         if self.schedule is None or not self.schedule.is_update(step):
             return False
         changed = self.state.update(self.schedule.fraction(step))
@@ -250,7 +307,12 @@ class LoRAPruner:
 
         ``merge=False`` keeps the LoRA layers, gathered to the pruned shapes, for
         :func:`loraprune.export_adapter` (then :func:`loraprune.merge_lora`).
+        A pruner finalizes once: a second call is refused (the model is already cut).
         """
+        if self._finalized:
+            raise LoRAPruneError("finalize() was already called on this LoRAPruner: it cut the model and returned it "
+                                 "(also pruner.model); use that model. To prune again, build a new LoRAPruner on a "
+                                 "freshly loaded model")
         self.reach_target()
         report = self.report()
         self.importance.detach(self)
@@ -261,6 +323,7 @@ class LoRAPruner:
         if self.progressive:  # the kept groups already form each layer's prefix, in original order
             masks = Masks([torch.arange(lg.n_kv) < int(a.sum()) for lg, a in zip(self.layers, masks.attn_keep)],
                           [torch.arange(lg.n_channels) < int(m.sum()) for lg, m in zip(self.layers, masks.mlp_keep)])
+        self._finalized = True  # from here on the model is being cut: restore() has nothing to put back
         model = compact(self.model, masks, self.spec, merge=merge)
         model.loraprune_masks = self.state.masks.clone()  # kept indices of the original model
         self._replaced = []

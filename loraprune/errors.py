@@ -14,3 +14,24 @@ class LoRAPruneError(ValueError):
 
 class ConfigError(LoRAPruneError):
     """An option of :class:`~loraprune.config.PruneConfig` is out of range or contradicts another."""
+
+
+class DataError(LoRAPruneError):
+    """The data given to prune/eval cannot be used; the message says why and what to pass."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A file, folder or dataset could not be found; also a ``FileNotFoundError``."""
+
+
+class NonFiniteLossError(LoRAPruneError, RuntimeError):
+    """Training produced NaN/inf too many steps in a row."""
+
+
+class OutputPathError(LoRAPruneError, OSError):
+    """A file or directory loraprune is asked to write cannot be written there (a file
+    in the way, a read-only or full disk, ...); the message names the path and the cause."""
+
+
+class OutputExistsError(OutputPathError, FileExistsError):
+    """The output path is taken (a file, or a directory holding other files); the message names the fix."""

@@ -4,7 +4,7 @@ Perplexity follows the usual pruning-paper protocol (SparseGPT, LLM-Pruner,
 LoRAPrune): join the documents with ``"\\n\\n"``, tokenize once, cut the stream
 into non-overlapping windows and report ``exp(mean NLL)`` over every predicted
 token.  Compare pruned / dense ratios on the same text and tokenizer.
-The evaluation texts themselves come from :func:`loraprune.data.load_eval_text`.
+The evaluation texts themselves come from :func:`loraprune.corpora.load_eval_text`.
 """
 from __future__ import annotations
 
@@ -17,18 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import (  # load_eval_text / EVAL_SETS: re-exported for callers that import them from here
-    EVAL_SETS,
-    check_token_ids,
-    check_tokenizer_fits,
-    load_eval_text,
-    require_tokens,
-    token_stream,
-    vocab_size_of,
-)
 from .errors import LoRAPruneError
+from .windows import check_token_ids, check_tokenizer_fits, require_tokens, token_stream, vocab_size_of
 
-__all__ = ["perplexity", "tokens_per_second", "lm_eval_tasks", "load_eval_text", "EVAL_SETS"]
+__all__ = ["perplexity", "tokens_per_second", "lm_eval_tasks"]
 
 
 # ----------------------------------------------------------------------- perplexity

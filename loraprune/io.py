@@ -12,30 +12,36 @@
   :func:`load_pruned` and ``from_pretrained(dir, trust_remote_code=True)``
   rebuild them.
 * :func:`save_pruned` writes atomically: a temporary sibling directory is
-  renamed into place, so an interrupted save never leaves a half-written
-  model where a saved one is expected. Beside the weights it writes
+  renamed (or, over an existing model, atomically swapped) into place, so an
+  interrupted save never leaves a half-written model, or none, where a saved
+  one is expected (:func:`atomic_directory`). Beside the weights it writes
   ``loraprune_masks.json``: the kept KV groups and MLP channels of every
   layer, as indices into the original model (:meth:`Masks.load_json` reads it).
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import struct
+import sys
 import tempfile
+import warnings
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .errors import LoRAPruneError
-
+from .errors import LoRAPruneError, OutputExistsError
 from .gguf import forget_gguf_origin
-from .lora import LoRALinear, is_peft_lora_layer
+from .lora import LoRALinear, is_peft_lora_layer, unwrap_compiled
 from .masks import Masks
 from .modeling_loraprune import PER_LAYER_CLASSES
+from .paths import as_path, check_output_dir, output_error
 
 MASKS_FILE = "loraprune_masks.json"
 
@@ -103,27 +109,118 @@ def attach_export(model: nn.Module) -> nn.Module:
         model.config.num_key_value_heads = original["num_key_value_heads"]
         model.config.loraprune = dict(block, uniform=False, export="per-layer: LlamaConfig refuses hidden_size % "
                                       "num_attention_heads != 0 and Mistral has no biases")
-    cls = PER_LAYER_CLASSES.get(model.config.model_type)
-    if cls is None:
-        raise PrunedModelError(f"no per-layer export for model_type={model.config.model_type!r}")
+    check_exportable(model)
+    cls = PER_LAYER_CLASSES[model.config.model_type]
     if type(model) is not cls:
-        if not isinstance(model, cls.__mro__[1]):
-            raise PrunedModelError(f"expected a {cls.__mro__[1].__name__}, found {type(model).__name__}")
         model.__class__ = cls
     cls.register_for_auto_class("AutoModelForCausalLM")
     model.config.architectures = [cls.__name__]
     return model
 
 
-class OutputExistsError(LoRAPruneError, FileExistsError):
-    """The output directory holds other files; the message names the fix (``overwrite=True``)."""
+def check_exportable(model: nn.Module) -> None:
+    """Refuse, before any training, a model :func:`attach_export` could not give a per-layer class."""
+    cls = PER_LAYER_CLASSES.get(getattr(model.config, "model_type", None))
+    if cls is None:
+        raise PrunedModelError(f"no per-layer export for model_type={model.config.model_type!r}; pass uniform=True")
+    if not isinstance(model, cls.__mro__[1]):
+        raise PrunedModelError(f"expected a {cls.__mro__[1].__name__}, found {type(model).__name__}: the pruned "
+                               "model could not be saved; pass the transformers model itself")
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"{out_dir} exists and is not a directory; choose another directory")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    check_output_dir(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out_dir} exists and is not empty; choose another directory or pass overwrite=True")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    False where the platform, the C library or the file system cannot; then
+    :func:`atomic_directory` falls back to two renames and :func:`recover_interrupted_swap`.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _old_copies(out_dir: Path) -> list[Path]:
+    """The ``.<name>.<random>.old/old`` folders a two-rename swap leaves while the new copy is not yet in place."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.[A-Za-z0-9_]+\.old")
+    found = [d / "old" for d in out_dir.parent.glob(f".{out_dir.name}.*.old") if pattern.fullmatch(d.name)]
+    return sorted((d for d in found if d.is_dir()), key=lambda d: d.stat().st_mtime)
+
+
+def recover_interrupted_swap(out_dir) -> bool:
+    """Put back a directory that a save over it left only in its ``.old`` folder.
+
+    Where :func:`_exchange` is unavailable, replacing a directory takes two
+    renames (old out, new in); an interrupt between them leaves ``out_dir``
+    absent and the old copy in ``.<name>.<random>.old/old``. The next save,
+    load or inspect of ``out_dir`` moves it back, with a warning, so the path
+    again holds the model it held before the interrupted save.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return False
+    copies = _old_copies(out_dir)
+    if not copies:
+        return False
+    if out_dir.exists():  # the swap completed and only its clean-up was interrupted: the old copies are stale
+        for copy in copies:
+            shutil.rmtree(copy.parent, ignore_errors=True)
+        return False
+    with suppress(FileExistsError, OSError):
+        os.rename(copies[-1], out_dir)
+        shutil.rmtree(copies[-1].parent, ignore_errors=True)
+        warnings.warn(f"{out_dir} was missing after an interrupted save; restored the copy it held before "
+                      f"(from {copies[-1].parent.name})", RuntimeWarning, stacklevel=3)
+        return True
+    return False
+
+
+def _claim(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir`` only if nothing is there (an empty directory counts as nothing).
+
+    POSIX ``rename`` refuses a non-empty target directory, so of two saves racing for one new
+    name exactly one wins, across threads and processes alike."""
+    try:
+        os.rename(tmp, out_dir)
+    except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise OutputExistsError(f"{out_dir} was filled by another save while this one was writing; nothing "
+                                    "was replaced. Choose another directory or pass overwrite=True") from err
+        raise
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    """Put ``tmp`` at ``out_dir`` so that the path holds a complete directory at every instant."""
+    if not out_dir.exists():
+        with suppress(OutputExistsError):
+            return _claim(tmp, out_dir)  # appeared meanwhile: replace it below (overwrite=True)
+    if _exchange(tmp, out_dir):  # out_dir now the new copy, tmp the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    try:
+        os.rename(out_dir, trash / "old")
+    except BaseException:
+        trash.rmdir()
+        raise
+    os.rename(tmp, out_dir)  # an interrupt before this line: recover_interrupted_swap() undoes the first
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextmanager
@@ -131,21 +228,32 @@ def atomic_directory(out_dir, overwrite: bool = False):
     """Yield a temporary sibling directory; on success it replaces ``out_dir``, on error it vanishes.
 
     The one home of atomic writes in loraprune: a reader (or a rerun after a
-    kill) sees the old directory or the complete new one, never a mix.
+    kill) sees the old directory or the complete new one, never a mix, and
+    never nothing (where the platform cannot swap two directories atomically,
+    an interrupted swap is undone by the next call: :func:`recover_interrupted_swap`).
+    With ``overwrite=False`` the final name is claimed exclusively: of two
+    saves into one new directory, one fails with :class:`OutputExistsError`.
+    File-system failures (a full or read-only disk) raise :class:`OutputPathError`.
     """
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir, "the output directory")
+    recover_interrupted_swap(out_dir)
     _check_target(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    except OSError as err:
+        raise output_error(out_dir, err) from err
     try:
         yield tmp
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
+        if overwrite:
+            _replace(tmp, out_dir)
         else:
-            os.replace(tmp, out_dir)
+            _claim(tmp, out_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, LoRAPruneError):
+            raise
+        raise output_error(out_dir, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -154,17 +262,22 @@ def atomic_directory(out_dir, overwrite: bool = False):
 def write_atomic(path, content: str | bytes) -> Path:
     """Write one file atomically: a temporary sibling, flushed, then renamed over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise output_error(path, err, "the file") from err
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(content.encode("utf-8") if isinstance(content, str) else content)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, LoRAPruneError):
+            raise output_error(path, err, "the file") from err
         raise
     return path
 
@@ -225,16 +338,23 @@ def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=No
     ``{file name: payload}`` files; a name the save itself writes
     (``config.json``, ``loraprune_masks.json``, ...) is refused rather than overwritten.
     """
+    model = unwrap_compiled(model)  # a torch.compile'd pruned model saves as the module it wraps
     require_pruned(model)
+    out_dir = as_path(out_dir, "out_dir")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        hint = (f" (to save the tokenizer of {tokenizer!r}, pass AutoTokenizer.from_pretrained({tokenizer!r}))"
+                if isinstance(tokenizer, (str, os.PathLike)) else "")
+        raise TypeError(f"tokenizer must be a tokenizer object with save_pretrained(), got "
+                        f"{type(tokenizer).__name__}{hint}")
+    _check_extra_json(extra_json)
     lora = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) or is_peft_lora_layer(m)]
     if lora:
         raise PrunedModelError(
             f"the model still holds {len(lora)} LoRA layers (e.g. {lora[0]}); call loraprune.merge_lora(model) "
             "to save the merged model, or loraprune.export_adapter(model, dir) to save the pruned base and its adapter"
         )
-    _check_target(Path(out_dir), overwrite)
+    _check_target(out_dir, overwrite)
     model = attach_export(forget_gguf_origin(model))
-    out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
         write_masks(model, tmp)
@@ -247,9 +367,24 @@ def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=No
     return out_dir
 
 
+def _check_extra_json(extra_json) -> None:
+    """``extra_json`` must map file names to JSON-able payloads: checked before anything is written."""
+    if extra_json is None:
+        return
+    if not isinstance(extra_json, dict) or not all(isinstance(k, str) and k for k in extra_json):
+        raise TypeError(f"extra_json must be a dict of {{file name: JSON-able payload}}, got {extra_json!r:.80}")
+    for name, payload in extra_json.items():
+        try:
+            json.dumps(payload)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"extra_json[{name!r}] cannot be written as JSON ({err}); convert numpy numbers and "
+                            "tensors to Python values (e.g. float(x), x.tolist())") from err
+
+
 # ---------------------------------------------------------------- reading directories
 def _model_dir(path) -> Path:
-    path = Path(path).expanduser()
+    path = as_path(path, "path")
+    recover_interrupted_swap(path)
     if not path.exists():
         raise PrunedModelError(f"{path} does not exist; pass the directory a model was saved to")
     if not path.is_dir():
@@ -356,6 +491,29 @@ def _check_widths(path: Path, config: dict, block: dict, layers: dict[int, dict]
                                        f"{origin or '; the directory is mixed up, save the model again'}")
 
 
+def _check_totals(path: Path, block: dict, tensors: dict, spec) -> None:
+    """The parameter counts of the ``loraprune`` block must be those of the weights.
+
+    ``inspect`` reports widths and parameter counts read from the safetensors
+    headers, and the pruned share from the block; a block whose counts the
+    weights contradict (edited by hand, or copied from another model) is refused
+    rather than reported as truth."""
+    total, removed = block.get("projection_params"), block.get("removed_params")
+    if not (isinstance(total, int) and isinstance(removed, int)):
+        return
+    modules = {f"{spec.attn}.{n}" for n in spec.attn_projections} | {f"{spec.mlp}.{n}" for n in spec.mlp_projections}
+    prefix = spec.layers + "."
+    kept = sum(_numel(meta["shape"]) for name, meta in tensors.items()
+               if name.startswith(prefix) and name[len(prefix):].partition(".")[2].rpartition(".")[0] in modules)
+    with_biases = block.get("achieved_ratio_with_biases")  # one-shot bias compensation adds zero-cost biases
+    expected = round(total * (1 - with_biases)) if isinstance(with_biases, float) else total - removed
+    if abs(kept - expected) > 1:
+        raise PrunedModelError(
+            f"{path}/config.json: its loraprune block says {expected:,} decoder-projection parameters remain "
+            f"({removed:,} of {total:,} removed), the weights hold {kept:,}; the block was edited or belongs to "
+            "another model. Save the pruned model again (or remove the loraprune block to inspect the weights alone)")
+
+
 def inspect_dir(path) -> dict:
     """Per-layer widths and parameter counts of a saved model, from config.json and the safetensors headers.
 
@@ -384,6 +542,7 @@ def inspect_dir(path) -> dict:
     block = config.get("loraprune") or {}
     layers, other = _layer_widths_from_headers(tensors, spec, head_dim)
     _check_widths(path, config, block, layers)
+    _check_totals(path, block, tensors, spec)
     return {
         "path": str(path), "model_type": config.get("model_type"), "head_dim": head_dim,
         "pruned_by_loraprune": bool(block), "uniform": block.get("uniform", True),
@@ -422,13 +581,18 @@ def read_masks(path, info: dict) -> Masks:
 def load_pruned(path, dtype=None, device_map=None, **kwargs) -> nn.Module:
     """Reload a pruned model (uniform or per-layer) with identical logits, no remote code.
 
-    Before any weight is read, config.json, the safetensors headers and
-    ``loraprune_masks.json`` are checked against each other
-    (:func:`inspect_dir`, :func:`read_masks`); a contradiction raises
-    :class:`PrunedModelError` naming the fix.
+    Before any weight is read, config.json, the safetensors headers,
+    ``loraprune_masks.json`` and the parameter totals of the ``loraprune``
+    block are checked against each other (:func:`inspect_dir`,
+    :func:`read_masks`), and ``dtype`` / ``device_map`` against what torch
+    offers; after reading, every floating-point weight must be finite. A
+    failed check raises :class:`PrunedModelError` (or ``LoRAPruneError`` /
+    ``TypeError`` for the arguments) naming the fix.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    _check_dtype(dtype)
+    _check_device_map(device_map)
     info = inspect_dir(path)
     path = Path(path).expanduser()
     raw = read_config(path)
@@ -458,6 +622,45 @@ def load_pruned(path, dtype=None, device_map=None, **kwargs) -> nn.Module:
             f"{path}: the weights do not match config.json ({problems}); a corrupted or mixed-up "
             "directory? Save the pruned model again."
         )
+    _check_finite(path, model)
     if masks is not None:
         model.loraprune_masks = masks
     return model
+
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def _check_dtype(dtype) -> None:
+    """``dtype`` must be what ``from_pretrained`` takes: a torch dtype, its name, or ``"auto"``."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return
+    hint = f" (did you mean torch.{_DTYPE_ALIASES[dtype]}?)" if dtype in _DTYPE_ALIASES else ""
+    raise LoRAPruneError(f"dtype={dtype!r} is not a torch dtype{hint}; pass e.g. torch.bfloat16, 'bfloat16', "
+                         "torch.float32 or 'auto'")
+
+
+def _check_device_map(device_map) -> None:
+    """Refuse a ``device_map`` naming CUDA when torch sees no GPU (before any weight is read)."""
+    if device_map is None:
+        return
+    if not isinstance(device_map, (str, dict, torch.device)):
+        raise TypeError(f"device_map must be a string ('cpu', 'cuda', 'auto'), a torch.device or a dict, "
+                        f"got {type(device_map).__name__}")
+    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    wants_cuda = any(isinstance(t, int) or str(t).startswith("cuda") for t in targets)
+    if wants_cuda and not torch.cuda.is_available():
+        raise LoRAPruneError(f"device_map={device_map!r} needs a CUDA GPU, but torch sees none "
+                             "(torch.cuda.is_available() is False); pass device_map='cpu' or leave it out")
+
+
+def _check_finite(path: Path, model: nn.Module) -> None:
+    """Every loaded floating-point weight must be finite: NaN/inf weights give NaN logits, silently."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise PrunedModelError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {', '.join(bad[:3])}): the saved weights "
+            "are corrupted or come from a diverged run. Save the model again from a healthy run")

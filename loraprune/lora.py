@@ -166,8 +166,21 @@ def is_peft_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "lora_B")
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) runs; anything else unchanged.
+
+    Pruning changes shapes, so it works on the module itself: the compiled
+    wrapper would recompile (or be refused by :func:`loraprune.io.attach_export`)."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return model
+
+
 def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a ``PeftModel`` (adapters stay in place)."""
+    """The transformers model inside a ``PeftModel`` (adapters stay in place), and inside a
+    ``torch.compile`` wrapper (:func:`unwrap_compiled`) around either."""
+    model = unwrap_compiled(model)
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
         return model.get_base_model()
     return model

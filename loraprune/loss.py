@@ -116,7 +116,7 @@ def training_loss(pruner, batch: dict, config) -> torch.Tensor:
     """The loss of one micro-batch (see the module doc); the teacher forward runs here too."""
     model = pruner.model
     if "labels" not in batch:
-        from .data import DataError
+        from .errors import DataError
 
         raise DataError("a batch has no 'labels' (text data gets them; give batches with labels)")
     inputs = {k: v for k, v in batch.items() if k != "labels"}

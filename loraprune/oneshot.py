@@ -41,59 +41,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .activation_scores import METHODS, InputStats, layer_scores
 from .allocation import allocate, resolve_skip
 from .archs import arch_for, decoder_layers, layer_projections
+from .batches import make_batches
 from .compaction import compact
-from .data import make_batches
+from .config import PruneConfig, plain_value
 from .groups import LayerGroups, build_layer_groups, layer_projection_params, removed_params
 from .io import attach_export
 from .lora import unwrap_peft
 from .masks import Masks
 from .report import PruneReport
 from .state import PruningState
-
-METHODS = ("flap", "wanda-sp")
-
-
-class InputStats:
-    """Per-feature mean, sample variance and squared norm of a projection's
-    inputs over all calibration tokens (float64, merged batch by batch with
-    Chan's parallel update, so no token matrix is ever kept)."""
-
-    def __init__(self, n_features: int):
-        self.count = 0
-        self.mean = torch.zeros(n_features, dtype=torch.float64)
-        self.m2 = torch.zeros(n_features, dtype=torch.float64)  # sum of squared deviations from the mean
-        self.sumsq = torch.zeros(n_features, dtype=torch.float64)
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Merge the tokens of ``x`` (``... x n_features``). The statistics move to the
-        device of the first tensor they see, so a GPU run never waits on a copy."""
-        if self.count == 0 and self.mean.device != x.device:
-            self.mean, self.m2, self.sumsq = (t.to(x.device) for t in (self.mean, self.m2, self.sumsq))
-        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.mean.device, dtype=torch.float64)
-        n = x.shape[0]
-        if n == 0:
-            return
-        mean_b = x.mean(0)
-        m2_b = (x - mean_b).pow(2).sum(0)
-        total = self.count + n
-        delta = mean_b - self.mean
-        self.mean += delta * (n / total)
-        self.m2 += m2_b + delta.pow(2) * (self.count * n / total)
-        self.sumsq += x.pow(2).sum(0)
-        self.count = total
-
-    @property
-    def variance(self) -> torch.Tensor:
-        """Unbiased sample variance (FLAP's fluctuation)."""
-        return self.m2 / max(self.count - 1, 1)
-
-    @property
-    def norm(self) -> torch.Tensor:
-        """``||X[:, j]||₂`` over all tokens (Wanda's activation norm)."""
-        return self.sumsq.sqrt()
 
 
 @torch.no_grad()
@@ -125,43 +84,6 @@ def collect_input_stats(model: nn.Module, batches, spec=None) -> list[tuple[Inpu
     if n == 0:
         raise ValueError("oneshot pruning got no calibration batches: pass data and calib_batches >= 1")
     return stats
-
-
-def column_scores(weight: torch.Tensor, stats: InputStats, method: str) -> torch.Tensor:
-    """Score of each input column of an output projection (``o_proj`` / ``down_proj``), float64."""
-    W = weight.detach().to(device=stats.mean.device, dtype=torch.float64)
-    if method == "flap":
-        return stats.variance * W.pow(2).sum(0)
-    if method == "wanda-sp":
-        return stats.norm * W.abs().sum(0)
-    raise ValueError(f"unknown one-shot method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def standardize(scores: torch.Tensor) -> torch.Tensor:
-    """``(s - mean) / std`` over one layer's groups of one kind (FLAP); constant scores map to 0."""
-    if scores.numel() < 2:
-        return torch.zeros_like(scores)
-    std = scores.std()
-    if not torch.isfinite(std) or std == 0:
-        return torch.zeros_like(scores)
-    return (scores - scores.mean()) / std
-
-
-def layer_scores(o_weight: torch.Tensor, o_stats: InputStats, down_weight: torch.Tensor, d_stats: InputStats,
-                 width: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's ``(attention group scores, MLP channel scores)``, float32.
-
-    The o_proj column scores are summed over blocks of ``width`` consecutive
-    columns (``q_per_kv * head_dim``: the columns one KV group owns), so the
-    number of groups is read from the weight, not assumed: a layer already
-    narrowed gets the scores of the groups it still has. A down_proj column
-    is one channel. FLAP then standardises each kind within the layer.
-    """
-    a = column_scores(o_weight, o_stats, method).view(-1, width).sum(1)
-    m = column_scores(down_weight, d_stats, method)
-    if method == "flap":
-        a, m = standardize(a), standardize(m)
-    return a.float(), m.float()
 
 
 def group_scores(model, layers: list[LayerGroups], stats, method: str, spec=None) -> tuple[list, list]:
@@ -235,6 +157,7 @@ class OneShotPlan:
     layers: list[LayerGroups]
     total_params: int
     skip: set[int]
+    config: PruneConfig  # the allocation and data options, validated (Python values)
 
     @property
     def removed_params(self) -> int:
@@ -247,20 +170,24 @@ def oneshot_plan(model, data, ratio, tokenizer=None, method="flap", calib_batche
     """Calibrate on the dense model and choose the groups to keep (the model is not changed)."""
     if method not in METHODS:
         raise ValueError(f"unknown one-shot method {method!r}; choose one of {', '.join(METHODS)}")
-    if not isinstance(calib_batches, int) or calib_batches < 1:
+    calib_batches = plain_value(calib_batches)
+    if not isinstance(calib_batches, int) or isinstance(calib_batches, bool) or calib_batches < 1:
         raise ValueError(f"calib_batches must be a positive integer, got {calib_batches!r}")
+    # the options prune() shares are validated (and numpy values made Python ones) where prune()'s are
+    cfg = PruneConfig(ratio=ratio, skip_layers=skip_layers, ranking=ranking, round_to=round_to, seq_len=seq_len,
+                      batch_size=batch_size, seed=seed)
     spec = arch_for(model)
     layers = build_layer_groups(model, spec)
     total = sum(layer_projection_params(model, spec))
-    skip = resolve_skip(skip_layers, len(layers))
-    allocation = allocate(layers, ratio, total, skip, round_to)
-    torch.manual_seed(seed)
-    batches = make_batches(data, model.config, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed)
+    skip = resolve_skip(cfg.skip_layers, len(layers))
+    allocation = allocate(layers, cfg.ratio, total, skip, cfg.round_to)
+    torch.manual_seed(cfg.seed)
+    batches = make_batches(data, model.config, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
     stats = collect_input_stats(model, itertools.islice(batches, calib_batches), spec)
-    state = PruningState(layers, allocation, ema=0.0, ranking=ranking, skip=skip)
+    state = PruningState(layers, allocation, ema=0.0, ranking=cfg.ranking, skip=skip)
     state.observe(*group_scores(model, layers, stats, method, spec))
     state.update(1.0)
-    return OneShotPlan(state.masks, stats, layers, total, skip)
+    return OneShotPlan(state.masks, stats, layers, total, skip, cfg)
 
 
 @torch.no_grad()
@@ -292,6 +219,8 @@ def oneshot_prune(
     """
     model = unwrap_peft(model)
     spec = arch_for(model)
+    if bias_compensation is not None and not isinstance(bias_compensation, bool):
+        raise TypeError(f"bias_compensation must be True, False or None, got {bias_compensation!r}")
     if bias_compensation is None:
         bias_compensation = method == "flap" and spec.model_type == "llama"
     if bias_compensation and spec.model_type != "llama":
@@ -306,11 +235,13 @@ def oneshot_prune(
     if biases is not None:
         _apply_biases(model, biases, spec)
     after = sum(layer_projection_params(model, spec))
-    settings = dict(ratio=ratio, criterion=f"oneshot-{method}", method=method, bias_compensation=bias_compensation,
-                    calib_batches=calib_batches, calib_tokens=plan.stats[0][0].count, seq_len=seq_len,
-                    batch_size=batch_size, skip_layers=sorted(plan.skip), ranking=ranking, round_to=round_to, seed=seed)
+    opts = plan.config
+    settings = dict(ratio=opts.ratio, criterion=f"oneshot-{method}", method=method,
+                    bias_compensation=bias_compensation, calib_batches=plain_value(calib_batches),
+                    calib_tokens=plan.stats[0][0].count, seq_len=opts.seq_len, batch_size=opts.batch_size,
+                    skip_layers=sorted(plan.skip), ranking=opts.ranking, round_to=opts.round_to, seed=opts.seed)
     PruneReport.measure(
-        plan.layers, plan.masks, plan.total_params, settings, target_ratio=ratio, steps=0,
+        plan.layers, plan.masks, plan.total_params, settings, target_ratio=opts.ratio, steps=0,
         # counts the biases added for compensation (zeros except o_proj/down_proj)
         achieved_ratio_with_biases=1 - after / plan.total_params,
     ).attach(model.config)

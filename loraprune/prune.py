@@ -13,32 +13,25 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import warnings
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .archs import arch_for
+from .batches import make_batches
 from .config import PruneConfig
-from .data import DataError, make_batches
 from .engine import LoRAPruner
-from .errors import LoRAPruneError
+from .errors import DataError
 from .gguf import check_dense
-from .io import attach_export
-from .lora import unwrap_peft
+from .io import attach_export, check_exportable
+from .lora import unwrap_compiled, unwrap_peft
 from .loss import trained_tokens, training_loss
+from .paths import check_output_dir
 from .recompute import gradient_checkpointing, resolve
 from .schedule import CubicSchedule
 
 log = logging.getLogger("loraprune")
-
-
-class NonFiniteLossError(LoRAPruneError, RuntimeError):
-    """Training produced NaN/inf too many steps in a row."""
-
-
-def _finite_grads(params) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
 
 def lr_factor(schedule: str, step: int, steps: int) -> float:
@@ -84,10 +77,13 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
 
     Args:
         model: a ``transformers`` LLaMA-family causal LM (LLaMA, Mistral, Qwen2,
-            Qwen3), or a ``peft`` ``PeftModel`` with LoRA on its projections.
+            Qwen3), or a ``peft`` ``PeftModel`` with LoRA on its projections. A
+            ``torch.compile``'d model is pruned through the module it wraps
+            (``_orig_mod``), and that plain module is returned: its shapes have
+            changed, so compile the result again if wanted.
         data: batches (dicts with ``input_ids``, optionally ``attention_mask`` and
             ``labels``), strings, paths to ``.txt``/``.jsonl`` files or folders, a
-            ``datasets.Dataset``, or a hub dataset name (see :mod:`loraprune.data`).
+            ``datasets.Dataset``, or a hub dataset name (see :mod:`loraprune.batches`).
         config: a :class:`~loraprune.config.PruneConfig` (or a float: the ratio).
         tokenizer: needed when ``data`` is text.
         on_step: ``on_step(step, pruner, loss)`` after every optimiser step
@@ -103,17 +99,20 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
     the criterion scores every attention KV group and MLP channel, the scores
     are EMA-smoothed, and masks grow on a cubic schedule from ``prune_start``
     to ``prune_end``; the steps after it are recovery on the final mask.
-    Everything is checked before the model is touched; if the run fails, the
-    model is put back as it was given (the error is re-raised).
+    Everything is checked before the model is touched (options, data, the
+    model's layout and export class, a ``checkpoint_dir`` that can be written);
+    if the run fails, the model is put back as it was given (the error is re-raised).
     """
-    if isinstance(config, (int, float)) and not isinstance(config, bool):
-        overrides.setdefault("ratio", config)
-        config = None
-    cfg = PruneConfig.from_kwargs(config, **overrides)
+    cfg = PruneConfig.from_kwargs(config, **overrides)  # a number for config is the ratio
     schedule = CubicSchedule.for_run(cfg.steps, cfg.prune_start, cfg.prune_end, cfg.prune_every)
+    model = unwrap_compiled(model)
     hf_config = getattr(model, "config", None)
     if hf_config is None:
         raise TypeError(f"model must be a transformers causal LM (or a PeftModel), got {type(model).__name__}")
+    if on_step is not None and not callable(on_step):
+        raise TypeError(f"on_step must be a function on_step(step, pruner, loss), got {type(on_step).__name__}")
+    if cfg.checkpoint_dir:
+        check_output_dir(cfg.checkpoint_dir, "checkpoint_dir")
     # the data is checked (and its first batch drawn) before the model is touched
     batches = make_batches(data, hf_config, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
     first = next(batches, None)
@@ -121,6 +120,9 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
         raise DataError("the data gave no batch; pass at least one batch or enough text for one window")
     batches = itertools.chain([first], batches)
     check_dense(model)
+    if cfg.merge and not cfg.uniform:
+        arch_for(unwrap_peft(model))  # an unsupported architecture is named as such first
+        check_exportable(unwrap_peft(model))  # a per-layer result needs an export class: known before training
     checkpointing = resolve(cfg.gradient_checkpointing, unwrap_peft(model))
     fingerprint = None
     if cfg.checkpoint_dir:
@@ -133,11 +135,14 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
     given_config = hf_model.config  # finalize() gives the pruned model a copy of its own
     use_cache = getattr(given_config, "use_cache", None)
     was_training = hf_model.training
-    try:
+    try:  # everything from the first change to the model on: a failure puts the model back
         with gradient_checkpointing(hf_model, checkpointing):  # the model's own setting afterwards
             pruned = _run(pruner, batches, cfg, schedule, on_step, fingerprint)
+        # compact() left the kept indices on the model as ``loraprune_masks``;
+        # merge=False keeps LoRA for loraprune.export_adapter
+        pruned = attach_export(pruned) if cfg.merge else pruned
     except BaseException:
-        pruner.restore()
+        pruner.restore()  # nothing to undo once finalize() has cut the model (checked up front to not fail after)
         hf_model.train(was_training)
         raise
     finally:
@@ -146,9 +151,7 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
     rep = pruned.config.loraprune
     log.info("loraprune: removed %.2f%% of decoder-projection parameters (target %.2f%%)",
              100 * rep["achieved_ratio"], 100 * cfg.ratio)
-    # compact() left the kept indices on the model as ``loraprune_masks``;
-    # merge=False keeps LoRA for loraprune.export_adapter
-    return attach_export(pruned) if cfg.merge else pruned
+    return pruned
 
 
 def _run(pruner: LoRAPruner, batches, cfg: PruneConfig, schedule: CubicSchedule, on_step, fingerprint) -> nn.Module:
@@ -172,7 +175,6 @@ def _run(pruner: LoRAPruner, batches, cfg: PruneConfig, schedule: CubicSchedule,
         )
     hf_model.config.use_cache = False
     hf_model.train()
-    bad_in_row = 0
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"loraprune {cfg.criterion} {cfg.ratio:.0%}",
                disable=not cfg.progress, initial=start, total=cfg.steps)
     for _ in range(start * cfg.grad_accum):  # replay the data order so a resumed run sees the same batches
@@ -186,24 +188,16 @@ def _run(pruner: LoRAPruner, batches, cfg: PruneConfig, schedule: CubicSchedule,
                     break
                 losses.append(loss)
             loss = sum(losses) / len(losses) if len(losses) == cfg.grad_accum else None
-            if loss is not None and not _finite_grads(params):
+            if loss is not None and not pruner.grads_finite():
                 loss = None
             if loss is not None and cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if loss is not None and not pruner.score():
                 loss = None
             if loss is None:
-                bad_in_row += 1
-                pruner.discard_grads()
-                warnings.warn(f"step {step}: non-finite loss, gradients or scores; update skipped", RuntimeWarning,
-                              stacklevel=2)
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"{bad_in_row} steps in a row had NaN/inf loss or gradients; lower lr (now {cfg.lr}) "
-                        "or max_grad_norm, or check the data and the model's dtype"
-                    )
+                pruner.skip_step(step, cfg.lr)
             else:
-                bad_in_row = 0
+                pruner.step_ok()
                 factor = lr_factor(cfg.lr_schedule, step, cfg.steps)
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * factor

@@ -9,8 +9,8 @@ README), deterministically under a seed, and caches it on disk:
     model, tokenizer = load_or_train_reference(preset="bench")
 
 Finding the data folder (the shared corpora, else the sample shipped with the
-package), the fixed Shakespeare split, and reading / tokenizing text live in
-:mod:`loraprune.data`; the names are re-exported here for existing callers.
+package) and the fixed Shakespeare split live in :mod:`loraprune.corpora`;
+reading text in :mod:`loraprune.text_files`, tokenizing it in :mod:`loraprune.windows`.
 """
 from __future__ import annotations
 
@@ -29,11 +29,10 @@ from typing import Any
 
 import torch
 
-from .data import DOC_SEPARATOR, read_texts, shakespeare_split, token_stream
-
-# Re-exported for existing callers (bench/, older scripts); their home is loraprune.data.
-from .data import HELDOUT_FILES, cut_windows, resolve_data_dir, text_windows  # noqa: F401, E402  isort: skip
+from .corpora import shakespeare_split
 from .eval import perplexity
+from .text_files import DOC_SEPARATOR, read_texts
+from .windows import token_stream
 
 __all__ = [
     "PRESETS",
@@ -64,7 +63,7 @@ def train_tokenizer(paths_or_texts: Any, vocab_size: int = 4096, min_frequency: 
     input and settings.
 
     Args:
-        paths_or_texts: any :func:`loraprune.data.read_texts` source.
+        paths_or_texts: any :func:`loraprune.text_files.read_texts` source.
         vocab_size: target vocabulary size (small corpora may stop short of it).
         min_frequency: merges seen fewer times are not learned.
         model_max_length: the tokenizer's ``model_max_length``.
@@ -409,7 +408,7 @@ def load_or_train_reference(
 
     Args:
         cache_dir: the cache root (see above).
-        data_dir: the data folder (:func:`loraprune.data.resolve_data_dir`: the
+        data_dir: the data folder (:func:`loraprune.corpora.resolve_data_dir`: the
             shared corpora, else the sample shipped with the package).
         steps: overrides the preset's training steps.
         seed: seeds initialisation and sampling (part of the cache key).

@@ -1,6 +1,6 @@
 """Bad data: every input a user can get wrong is refused with the cause and the fix.
 
-Batches are checked when :func:`loraprune.data.make_batches` is called (lists,
+Batches are checked when :func:`loraprune.batches.make_batches` is called (lists,
 text, datasets) or as they are drawn (iterators), so each call draws one batch.
 """
 import functools
@@ -9,8 +9,9 @@ import json
 import torch
 
 from bad_input_table import Case
-from loraprune.data import make_batches, read_texts
+from loraprune.batches import make_batches
 from loraprune.eval import perplexity
+from loraprune.text_files import read_texts
 from tiny import tiny_config, tiny_model
 
 VOCAB = 512  # room for the test tokenizer (byte-level BPE has at least 259 tokens)
@@ -113,4 +114,50 @@ CASES = [
          r"tokenizer has \d+ tokens but the model's embedding has 97 rows"),
     Case("eval-non-utf8-file", _ppl(_file("x.txt", b"\xff\xfe bad"), _tokenizer), r"x.txt is not UTF-8 text"),
     Case("eval-text-without-tokenizer", _ppl("some text"), r"text needs a tokenizer"),
+]
+
+
+# ---- issue 20: text records that are not text; datasets that are not one split; advice ---------------
+def _jsonl(*lines):
+    return _file("d.jsonl", "\n".join(json.dumps(x) for x in lines).encode())
+
+
+def _text_dataset(values):
+    return lambda tmp_path: _datasets().Dataset.from_dict({"text": values})
+
+
+_NOT_TEXT = r"expected text \(a string\), found"
+
+CASES += [
+    Case("data-jsonl-text-null", _draw(_jsonl({"text": "fine"}, {"text": None}), tokenizer=_tokenizer()),
+         _NOT_TEXT + r" null"),
+    Case("data-jsonl-text-object", _draw(_jsonl({"text": {"body": "x"}}), tokenizer=_tokenizer()), _NOT_TEXT + r" dict"),
+    Case("data-jsonl-text-number", _draw(_jsonl({"text": 42}), tokenizer=_tokenizer()), _NOT_TEXT + r" int"),
+    Case("data-jsonl-text-list", _draw(_jsonl({"text": ["a", "b"]}), tokenizer=_tokenizer()), _NOT_TEXT + r" list"),
+    Case("data-jsonl-names-line", _draw(_jsonl({"text": "ok"}, {"text": None}), tokenizer=_tokenizer()),
+         r"d\.jsonl:2, field 'text'"),
+    Case("data-nul-bytes-file", _draw(_file("zeros.txt", b"\0" * 4096), tokenizer=_tokenizer()),
+         r"holds NUL bytes: it is binary data, not text"),
+    Case("data-binary-with-nul", _draw(_file("weights.txt", b"PK\x03\x04\0\0abc" * 100), tokenizer=_tokenizer()),
+         r"binary data, not text"),
+    Case("data-string-with-nul", _draw(["text\0with a NUL " * 20], tokenizer=_tokenizer()), r"holds NUL bytes"),
+    Case("data-read-texts-nul", lambda p: read_texts(_file("z.txt", b"a\0b")(p)), r"holds NUL bytes"),
+    Case("data-dataset-text-none", _draw(_text_dataset(["a text", None]), tokenizer=_tokenizer()),
+         r"row 1 of the dataset's 'text' column: expected text \(a string\), found null"),
+    Case("data-dataset-text-numbers", _draw(_text_dataset([1, 2]), tokenizer=_tokenizer()), _NOT_TEXT + r" int"),
+    Case("data-dataset-dict", _draw(lambda p: _datasets().DatasetDict({"train": _text_dataset(["a"])(p),
+                                                                        "test": _text_dataset(["b"])(p)}),
+                                    tokenizer=_tokenizer()),
+         r"DatasetDict with splits \['train', 'test'\]; pass one split, e.g\. ds\['train'\]"),
+    Case("data-streaming-text", _draw(lambda p: _text_dataset(["a b c"] * 8)(p).to_iterable_dataset(),
+                                      tokenizer=_tokenizer()), r"streaming datasets\.IterableDataset.*ds\.take\(N\)"),
+    Case("data-streaming-tokenized", _draw(lambda p: _datasets().Dataset.from_dict(
+        {"input_ids": [[1, 2, 3]] * 4}).to_iterable_dataset()), r"streaming datasets\.IterableDataset"),
+    Case("data-tokenizer-is-a-path", _draw(["some text " * 20], tokenizer="path/to/tok"),
+         r"tokenizer must be a tokenizer object.*AutoTokenizer\.from_pretrained\('path/to/tok'\)", raises=TypeError),
+    # right error, right advice: labels padded with -1 are padding, not another tokenizer
+    Case("data-labels-padded-minus-one", _draw(_ids([5, 6, 7, 8], labels=torch.tensor([[5, 6, -1, -1]]))),
+         r"value -1 is neither a token id nor the ignore index -100.*labels\[labels == -1\] = -100"),
+    Case("data-labels-padded-minus-two", _draw(_ids([5, 6, 7, 8], labels=torch.tensor([[5, -2, 7, 8]]))),
+         r"padding in labels must be -100"),
 ]

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from bad_input_table import Case
-
 import loraprune
+from bad_input_table import Case
 from loraprune import gguf as lp_gguf
 from loraprune.io import OutputExistsError, PrunedModelError, inspect_dir, load_pruned, save_pruned
+from loraprune.masks import Masks
 from tiny import tiny_model
 
 _TEMPLATE: dict[str, Path] = {}
@@ -25,7 +25,7 @@ def pruned_model():
     model = tiny_model()
     attn = [torch.tensor([True, False]), torch.tensor([False, True])]
     mlp = [torch.arange(48) < 30, torch.arange(48) >= 8]
-    return loraprune.compact(model, loraprune.Masks(attn, mlp))
+    return loraprune.compact(model, Masks(attn, mlp))
 
 
 def saved(tmp_path: Path) -> Path:
@@ -89,11 +89,14 @@ def _nonempty(tmp_path):
     return tmp_path / "out"
 
 
-def _export_unmerged(tmp_path):
+def _unmerged():
     from tiny import random_batches
 
-    model = loraprune.prune(tiny_model(), random_batches(n=1), ratio=0.3, steps=1, merge=False, progress=False)
-    return loraprune.export_adapter(model, _nonempty(tmp_path))
+    return loraprune.prune(tiny_model(), random_batches(n=1), ratio=0.3, steps=1, merge=False, progress=False)
+
+
+def _export_unmerged(tmp_path):
+    return loraprune.export_adapter(_unmerged(), _nonempty(tmp_path))
 
 
 def _gguf_without_magic(tmp_path):
@@ -276,3 +279,115 @@ CASES += [
     Case("cli-eval-baseline-missing", _eval("--model", lambda p: p["model"], "--data", lambda p: p["data"],
                                             "--baseline", "./dense"), r"--baseline \./dense does not exist"),
 ]
+
+
+# ---- issue 20: file-system failures, wrong types, load-time values, advice ----------------------------
+def _file_at(tmp_path, name="f"):
+    (tmp_path / name).write_text("not a directory")
+    return tmp_path / name
+
+
+def _os_error(code):
+    import os
+
+    return OSError(code, os.strerror(code))
+
+
+def _save_with_failing(target, code):
+    """save_pruned while ``target`` (a function save_pruned calls) fails with OSError ``code``."""
+    from unittest import mock
+
+    def call(tmp_path):
+        with mock.patch(target, side_effect=_os_error(code)):
+            return save_pruned(pruned_model(), tmp_path / "out")
+    return call
+
+
+def _edit_tensor(edit, name="model.layers.0.mlp.down_proj.weight"):
+    from safetensors.torch import load_file, save_file
+
+    def tamper(d):
+        tensors = load_file(d / "model.safetensors")
+        tensors[name] = edit(tensors[name])
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return tamper
+
+
+def _block(edit):
+    return _config(lambda c: edit(c["loraprune"]))
+
+
+def _pruned_and_saved(tmp_path):
+    """A model pruned by prune() (its loraprune block has the parameter totals), saved in ``tmp_path/p``."""
+    from tiny import random_batches
+
+    model = loraprune.prune(tiny_model(), random_batches(n=1), ratio=0.4, steps=1, progress=False)
+    return save_pruned(model, tmp_path / "p")
+
+
+def _load_with(**kw):
+    return lambda tmp_path: load_pruned(saved(tmp_path), **kw)
+
+
+def _write_json_under_a_file(tmp_path):
+    from loraprune.io import write_json
+
+    return write_json(_file_at(tmp_path) / "r.json", {"a": 1})
+
+
+_ERRNO = __import__("errno")
+
+CASES += [
+    # file-system failures: a LoRAPruneError (OutputPathError) naming the path and the cause
+    Case("fs-save-under-a-file", lambda p: save_pruned(pruned_model(), _file_at(p) / "out"),
+         r"cannot write the output directory .*/f/out: .*/f is a file, not a directory"),
+    Case("fs-save-under-a-file-deeper", lambda p: save_pruned(pruned_model(), _file_at(p) / "a" / "b"),
+         r"/f is a file, not a directory"),
+    Case("fs-save-read-only", _save_with_failing("tempfile.mkstemp", _ERRNO.EROFS),
+         r"cannot write the output directory .*/out: the file system is read-only"),
+    Case("fs-save-permission-denied", _save_with_failing("tempfile.mkstemp", _ERRNO.EACCES),
+         r"cannot write the output directory .*/out: permission denied"),
+    Case("fs-save-disk-full", _save_with_failing("loraprune.io.write_masks", _ERRNO.ENOSPC),
+         r"cannot write the output .*/out: the disk is full"),
+    Case("fs-save-quota", _save_with_failing("loraprune.io.write_masks", _ERRNO.EDQUOT), r"disk quota is exceeded"),
+    Case("fs-write-json-under-a-file", _write_json_under_a_file, r"cannot write the file .*/f/r\.json: .*/f is a file, "
+                                                                 r"not a directory"),
+    Case("fs-export-adapter-under-a-file", lambda p: loraprune.export_adapter(_unmerged(), _file_at(p) / "ad"),
+         r"/f is a file, not a directory"),
+    # wrong types
+    Case("type-save-tokenizer-is-a-path", lambda p: save_pruned(pruned_model(), p / "o", tokenizer="tok_dir"),
+         r"tokenizer must be a tokenizer object.*AutoTokenizer\.from_pretrained\('tok_dir'\)", raises=TypeError),
+    Case("type-save-out-dir-none", lambda p: save_pruned(pruned_model(), None), r"out_dir must be a path",
+         raises=TypeError),
+    Case("type-save-overwrite-string", lambda p: save_pruned(pruned_model(), p / "o", overwrite="yes"),
+         r"overwrite must be True or False", raises=TypeError),
+    Case("type-save-extra-json-numpy", lambda p: save_pruned(pruned_model(), p / "o",
+                                                             extra_json={"r.json": {"x": __import__("numpy").float32(1)}}),
+         r"extra_json\['r\.json'\] cannot be written as JSON.*float\(x\)", raises=TypeError),
+    Case("type-export-adapter-overwrite-string", lambda p: loraprune.export_adapter(_unmerged(), p / "ad",
+                                                                                   overwrite="no"),
+         r"overwrite must be True or False", raises=TypeError),
+    Case("type-load-path-int", lambda p: load_pruned(123), r"path must be a path", raises=TypeError),
+    Case("type-load-device-map-int", _load_with(device_map=5), r"device_map must be a string", raises=TypeError),
+    # load-time values
+    Case("load-nan-weight", _load_after(_edit_tensor(lambda t: torch.full_like(t, float("nan")))),
+         r"1 weight tensor\(s\) hold NaN or inf \(e\.g\. model\.layers\.0\.mlp\.down_proj\.weight\)"),
+    Case("load-one-inf-value", _load_after(_edit_tensor(lambda t: t.index_fill(0, torch.tensor([0]), float("inf")))),
+         r"hold NaN or inf"),
+    Case("load-block-removed-edited", lambda p: (lambda d: _block(lambda b: b.update(
+        removed_params=b["removed_params"] // 2))(d) or load_pruned(d))(_pruned_and_saved(p)),
+        r"loraprune block says .* remain .*the weights hold .*edited"),
+    Case("inspect-block-total-edited", lambda p: (lambda d: _block(lambda b: b.update(
+        projection_params=b["projection_params"] * 2))(d) or inspect_dir(d))(_pruned_and_saved(p)),
+        r"loraprune block says .*the weights hold"),
+    # right error, right advice
+    Case("advice-load-dtype-bf16", _load_with(dtype="bf16"), r"dtype='bf16' is not a torch dtype \(did you mean "
+                                                              r"torch\.bfloat16\?\)"),
+    Case("advice-load-dtype-unknown", _load_with(dtype="float99"), r"dtype='float99' is not a torch dtype; pass e\.g\."),
+]
+if not torch.cuda.is_available():
+    CASES += [
+        Case("advice-load-device-map-cuda", _load_with(device_map="cuda"),
+             r"device_map='cuda' needs a CUDA GPU, but torch sees none.*device_map='cpu'"),
+        Case("advice-load-device-map-gpu-index", _load_with(device_map={"": 0}), r"needs a CUDA GPU"),
+    ]

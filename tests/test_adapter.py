@@ -8,8 +8,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import loraprune
-from loraprune import LoRAPruner, PrunedModelError, load_pruned, merge_lora, save_pruned
+from loraprune import LoRAPruner, load_pruned, merge_lora, save_pruned
 from loraprune.adapter import export_adapter
+from loraprune.io import PrunedModelError
+from loraprune.lora import LoRALinear
 from tiny import logits, random_batches, tiny_model
 
 X = random_batches(n=1, batch=2, seq=10, seed=5)[0]["input_ids"]
@@ -66,7 +68,7 @@ def test_base_plus_adapter_equals_merged_pruned_model(arch, uniform, tmp_path):
     assert (_logits(peft_model) - masked).abs().max() <= 1e-5
 
     # the exported model is untouched: still unmerged, same function; merging it gives the same logits
-    assert isinstance(model.model.layers[1].self_attn.q_proj, loraprune.LoRALinear)
+    assert isinstance(model.model.layers[1].self_attn.q_proj, LoRALinear)
     merged = merge_lora(model)
     assert (_logits(merged) - masked).abs().max() <= 1e-5
     save_pruned(merged, tmp_path / "merged")
@@ -97,7 +99,7 @@ def test_prune_with_merge_false_exports_an_adapter(tmp_path):
     model = tiny_model(seed=4)
     pruned = loraprune.prune(model, random_batches(n=3), ratio=0.4, steps=3, lora_dropout=0.0, merge=False,
                              skip_layers=[0], progress=False)
-    assert any(isinstance(m, loraprune.LoRALinear) for m in pruned.modules())
+    assert any(isinstance(m, LoRALinear) for m in pruned.modules())
     want = _logits(pruned)
     with pytest.raises(PrunedModelError, match="merge_lora"):
         save_pruned(pruned, tmp_path / "refused")

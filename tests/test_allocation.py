@@ -1,8 +1,7 @@
 import pytest
 
-from loraprune import allocate, build_layer_groups
-from loraprune.allocation import resolve_skip
-from loraprune.groups import layer_projection_params
+from loraprune.allocation import allocate, resolve_skip
+from loraprune.groups import build_layer_groups, layer_projection_params
 from tiny import tiny_model
 
 SHAPES = [

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import loraprune
+from loraprune.archs import ModuleLayoutError
 from loraprune.groups import layer_projection_params
 from tiny import random_batches, tiny_model
 
@@ -118,7 +119,7 @@ def test_unexpected_module_layout_names_what_was_found():
     mlp = model.model.layers[1].mlp
     mlp.fc_in = mlp.gate_proj  # a renamed projection: not the LLaMA layout
     del mlp.gate_proj
-    with pytest.raises(loraprune.ModuleLayoutError) as err:
+    with pytest.raises(ModuleLayoutError) as err:
         loraprune.prune(model, random_batches(n=1), ratio=0.5, steps=1, progress=False)
     msg = str(err.value)
     assert "'gate_proj'" in msg and "fc_in" in msg and "up_proj" in msg

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
-from loraprune import CubicSchedule, LoRAPruner, NonFiniteLossError
+from loraprune import CubicSchedule, LoRAPruner
 from loraprune.callback import LoRAPruneCallback
+from loraprune.errors import NonFiniteLossError
 from tiny import tiny_model
 
 pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import loraprune
-from loraprune import CheckpointError, Checkpointer
+from loraprune.checkpoint import Checkpointer, CheckpointError
 from loraprune.cli import main
 from loraprune.reference import train_tokenizer
 from tiny import tiny_model

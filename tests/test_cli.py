@@ -10,6 +10,8 @@ from loraprune import cli, cli_prune
 from loraprune.cli import main
 from loraprune.config import PruneConfig
 from loraprune.eval import perplexity
+from loraprune.io import PrunedModelError
+from loraprune.masks import Masks
 from loraprune.reference import train_tokenizer
 from tiny import tiny_model
 
@@ -74,7 +76,7 @@ def test_prune_inspect_eval_session(work, tmp_path, capsys):
     saved_masks = json.loads((out / "loraprune_masks.json").read_text())
     # the full file of save_pruned, not a bare copy of the indices (issue 11)
     assert (saved_masks["head_dim"], saved_masks["q_per_kv"]) == (8, 1) and "KV group g owns" in saved_masks["description"]
-    masks = loraprune.Masks.from_dict(saved_masks)
+    masks = Masks.from_dict(saved_masks)
     assert masks.kept_kv() == [2, 2]
 
     model = loraprune.load_pruned(out)
@@ -159,7 +161,7 @@ def test_nan_loss_stops_with_the_fix(work, tmp_path, capsys):
     argv = prune_argv(work, tmp_path / "o", "--max-bad-steps", "2", "--tokenizer", str(work / "model"))
     argv[argv.index("--model") + 1] = str(tmp_path / "nan")
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        assert "lower lr" in error_of(capsys, argv)
+        assert "lower the learning rate" in error_of(capsys, argv)
     assert not (tmp_path / "o" / "config.json").exists()
 
 
@@ -214,11 +216,12 @@ def test_every_config_field_is_an_option_with_its_default_and_help():
 
 def test_option_values_reach_the_config(work, tmp_path):
     args = cli.build_parser().parse_args(prune_argv(work, tmp_path / "o", "--skip-layers", "0,1", "--prune-start",
-                                                   "20", "--prune-end", "0.5", "--normalize", "none", "--square",
+                                                   "1", "--prune-end", "0.5", "--normalize", "none", "--square",
                                                    "--max-grad-norm", "none", "--lr-schedule", "cosine"))
     cfg = cli_prune.config_from_args(args)
-    assert cfg == PruneConfig(steps=4, seq_len=16, batch_size=2, skip_layers=[0, 1], prune_start=20, prune_end=0.5,
-                              normalize=None, square=True, max_grad_norm=None, lr_schedule="cosine")
+    assert cfg == PruneConfig(steps=4, seq_len=16, batch_size=2, skip_layers=[0, 1], prune_start=1, prune_end=0.5,
+                              normalize=None, square=True, max_grad_norm=None, lr_schedule="cosine",
+                              checkpoint_dir=str(tmp_path / "o"))
     assert type(cfg.prune_start) is int and type(cfg.prune_end) is float
     args = cli.build_parser().parse_args(prune_argv(work, tmp_path / "o", "--skip-layers", "paper",
                                                    "--normalize", "l2", "--no-merge"))
@@ -229,7 +232,7 @@ def test_option_values_reach_the_config(work, tmp_path):
 # ---- user errors are one line and exit 2; bugs show their traceback --------------------------
 def test_user_errors_exit_2_but_bugs_raise(monkeypatch, capsys):
     def user_error(args):
-        raise loraprune.PrunedModelError("the directory is mixed up;\n save the model again")
+        raise PrunedModelError("the directory is mixed up;\n save the model again")
 
     def bug(args):
         raise ValueError("an internal invariant broke")

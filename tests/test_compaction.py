@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from loraprune import LoRAPruner, Masks, compact
+from loraprune import LoRAPruner, compact
+from loraprune.masks import Masks
 from tiny import random_batches, tiny_model
 
 

@@ -1,4 +1,4 @@
-"""loraprune.data: one home for text, no import cycles, batches checked against the model."""
+"""Text plumbing (corpora, text_files, windows, batches): one home each, no import cycles, batches checked."""
 import ast
 import fnmatch
 import importlib
@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import loraprune
-from loraprune import data as D
-from loraprune.data import DataError, load_eval_text, load_texts, make_batches, text_windows, token_stream
+from loraprune.batches import make_batches
+from loraprune.corpora import SAMPLE_DIR, load_eval_text, load_texts
+from loraprune.errors import DataError
+from loraprune.windows import text_windows, token_stream
 from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,8 +88,8 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycle_among_loraprune_modules():
     modules = _package_modules()
     graph = {m: _imported(m, p, set(modules)) for m, p in modules.items()}
-    assert {"loraprune.data", "loraprune.eval", "loraprune.reference", "loraprune.kernels.ops"} <= set(graph)
-    assert "loraprune.data" in graph["loraprune.eval"]  # the walk sees relative imports
+    assert {"loraprune.windows", "loraprune.eval", "loraprune.reference", "loraprune.kernels.ops"} <= set(graph)
+    assert "loraprune.windows" in graph["loraprune.eval"]  # the walk sees relative imports
     assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))
 
 
@@ -101,13 +103,22 @@ def test_cycle_finder_finds_a_lazy_cycle(tmp_path):
 
 
 def test_text_plumbing_has_one_home():
-    """eval and reference use data's functions, not copies of them."""
+    """Each function of the text plumbing is defined in exactly one module of the package, and
+    eval / reference import the plumbing instead of re-exporting it."""
     from loraprune import eval as E
     from loraprune import reference as R
 
-    for name in ("resolve_data_dir", "shakespeare_split", "token_stream", "cut_windows", "read_texts"):
-        assert getattr(R, name) is getattr(D, name)
-    assert E.load_eval_text is D.load_eval_text and E.EVAL_SETS is D.EVAL_SETS
+    defined: dict[str, list[str]] = {}
+    for name, path in _package_modules().items():
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined.setdefault(node.name, []).append(name)
+    homes = {"read_texts": "loraprune.text_files", "resolve_data_dir": "loraprune.corpora",
+             "load_eval_text": "loraprune.corpora", "token_stream": "loraprune.windows",
+             "cut_windows": "loraprune.windows", "make_batches": "loraprune.batches", "DataError": "loraprune.errors"}
+    for name, home in homes.items():
+        assert defined[name] == [home], (name, defined[name])
+    assert not set(homes) & set(getattr(E, "__all__", ())) and not set(homes) & set(R.__all__)
 
 
 # ------------------------------------------------------------------------- hub
@@ -182,7 +193,7 @@ def test_sample_text_is_declared_package_data():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     patterns = meta["tool"]["setuptools"]["package-data"]["loraprune"]
-    files = [p.relative_to(D.SAMPLE_DIR.parent).as_posix() for p in D.SAMPLE_DIR.rglob("*") if p.is_file()]
+    files = [p.relative_to(SAMPLE_DIR.parent).as_posix() for p in SAMPLE_DIR.rglob("*") if p.is_file()]
     assert len(files) >= 10 and "samples/README.md" in files
     assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)
     assert meta["project"]["dynamic"] == ["version"] or meta["project"].get("version") == loraprune.__version__
@@ -203,5 +214,3 @@ def test_public_surface_is_small_and_lazy():
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         loraprune.nope  # noqa: B018
     assert importlib.import_module("loraprune.callback").LoRAPruneCallback is loraprune.LoRAPruneCallback
-
-

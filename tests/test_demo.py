@@ -30,7 +30,7 @@ def test_weight_bytes_counts_a_tied_embedding_once():
 
 @pytest.mark.slow
 def test_demo_on_a_local_model_saves_what_it_reports(tmp_path, data_dir):
-    from loraprune.data import shakespeare_split
+    from loraprune.corpora import shakespeare_split
     from loraprune.eval import perplexity
     from loraprune.reference import train_tokenizer
 

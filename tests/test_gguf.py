@@ -12,6 +12,8 @@ from tiny import random_batches
 pytest.importorskip("gguf")
 
 from gguf_file import tokens, write_tiny_gguf  # noqa: E402
+from loraprune.groups import build_layer_groups
+from loraprune.masks import Masks
 
 VOCAB = len(tokens())
 X = random_batches(vocab=VOCAB, n=1, batch=2, seq=12, seed=5)[0]["input_ids"]
@@ -64,7 +66,7 @@ def test_pruned_stock_gguf_load_saves_and_reloads_with_identical_logits(gguf_pat
 def test_save_pruned_clears_markers_of_an_unpruned_gguf_model(gguf_path, tmp_path):
     path, want = gguf_path
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    masks = loraprune.Masks.full(loraprune.build_layer_groups(model))
+    masks = Masks.full(build_layer_groups(model))
     loraprune.compact(model, masks)
     loraprune.save_pruned(model, tmp_path / "m")
     assert torch.equal(_logits(loraprune.load_pruned(tmp_path / "m")), want)

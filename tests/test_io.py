@@ -6,7 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import loraprune
-from loraprune import PrunedModelError, attach_export, load_pruned, save_pruned
+from loraprune import load_pruned, save_pruned
+from loraprune.io import PrunedModelError, attach_export
+from loraprune.masks import Masks
 from test_compaction import masked_and_compacted
 from tiny import logits, random_batches, tiny_model
 
@@ -52,7 +54,7 @@ def test_per_layer_reloads_with_load_pruned_and_remote_code(arch, tmp_path):
 
 def test_indivisible_llama_head_count(tmp_path):
     model = tiny_model(hidden_size=40, num_attention_heads=4, num_key_value_heads=4, head_dim=8, intermediate_size=24)
-    masks = loraprune.Masks([torch.tensor([True, True, True, False])] * 2, [torch.ones(24, dtype=torch.bool)] * 2)
+    masks = Masks([torch.tensor([True, True, True, False])] * 2, [torch.ones(24, dtype=torch.bool)] * 2)
     loraprune.compact(model, masks)  # 3 heads: 40 % 3 != 0, LlamaConfig would refuse to save
     want = _logits(model)
     exported = attach_export(model)
@@ -183,7 +185,7 @@ def test_biased_llama_with_indivisible_head_count_goes_out_per_layer(tmp_path):
     """Neither LlamaConfig (hidden % heads) nor Mistral (no biases) can hold it."""
     model = tiny_model(hidden_size=40, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
                        intermediate_size=24, attention_bias=True)
-    masks = loraprune.Masks([torch.tensor([True, True, True, False])] * 2, [torch.ones(24, dtype=torch.bool)] * 2)
+    masks = Masks([torch.tensor([True, True, True, False])] * 2, [torch.ones(24, dtype=torch.bool)] * 2)
     loraprune.compact(model, masks)
     want = _logits(model)
     save_pruned(model, tmp_path / "m")

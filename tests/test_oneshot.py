@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from loraprune import load_pruned, save_pruned
+from loraprune.activation_scores import InputStats, column_scores
 from loraprune.groups import layer_projection_params
-from loraprune.oneshot import InputStats, collect_input_stats, column_scores, oneshot_plan, oneshot_prune
+from loraprune.oneshot import collect_input_stats, oneshot_plan, oneshot_prune
 from tiny import random_batches, tiny_model
 
 

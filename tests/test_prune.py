@@ -3,8 +3,11 @@ import pytest
 import torch
 
 import loraprune
-from loraprune import DataError, NonFiniteLossError
+from loraprune.archs import UnsupportedArchitectureError
+from loraprune.checkpoint import CheckpointError
+from loraprune.errors import DataError, NonFiniteLossError
 from loraprune.groups import layer_projection_params
+from loraprune.lora import LoRALinear
 from tiny import random_batches, tiny_model
 
 
@@ -24,7 +27,7 @@ def test_end_to_end_smaller_model_and_report():
     assert rep["achieved_ratio"] == pytest.approx(1 - after / before)
     assert rep["removed_params"] == before - after and rep["steps"] == 12
     assert rep["uniform"] and pruned.config.num_key_value_heads == 2
-    assert all(not isinstance(m, loraprune.LoRALinear) for m in pruned.modules())
+    assert all(not isinstance(m, LoRALinear) for m in pruned.modules())
     with torch.no_grad():
         assert torch.isfinite(pruned(x).logits).all()
     out = pruned.generate(x[:1, :3], max_new_tokens=4, do_sample=False)
@@ -174,7 +177,7 @@ def test_nan_loss_stops_with_a_clear_error():
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        with pytest.raises(NonFiniteLossError, match="lower lr"):
+        with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
             loraprune.prune(model, random_batches(n=2), ratio=0.5, steps=10, max_bad_steps=3, progress=False)
 
 
@@ -182,7 +185,7 @@ def test_unsupported_architecture():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(loraprune.UnsupportedArchitectureError, match="Supported: llama"):
+    with pytest.raises(UnsupportedArchitectureError, match="Supported: llama"):
         loraprune.prune(model, random_batches(n=1, vocab=50), ratio=0.5, steps=1, progress=False)
 
 
@@ -226,7 +229,7 @@ def test_checkpoint_arguments_are_checked(tmp_path):
         loraprune.prune(tiny_model(), random_batches(n=2), ratio=0.5, steps=2, resume=True, progress=False)
     loraprune.prune(tiny_model(), random_batches(n=2), ratio=0.5, steps=4, checkpoint_dir=tmp_path, progress=False)
     assert list((tmp_path / "checkpoints").glob("step-*"))  # checkpoint_every defaults to a tenth of steps
-    with pytest.raises(loraprune.CheckpointError, match="resume=True"):
+    with pytest.raises(CheckpointError, match="resume=True"):
         loraprune.prune(tiny_model(), random_batches(n=2), ratio=0.5, steps=4, checkpoint_dir=tmp_path,
                         progress=False)
 

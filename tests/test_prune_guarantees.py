@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import loraprune
-from loraprune.data import DataError
-from loraprune.prune import NonFiniteLossError
+from loraprune.errors import DataError, NonFiniteLossError
 from tiny import random_batches, tiny_config, tiny_model
 
 pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles
@@ -103,3 +102,43 @@ def test_callback_finalize_saves_the_masks_it_cut_when_training_stops_early():
     masks = model.loraprune_masks
     assert masks.kept_kv() == [model.config.num_key_value_heads] * len(masks.kept_kv())
     assert masks.kept_channels() == [model.config.intermediate_size] * len(masks.kept_channels())
+
+
+def test_a_compiled_model_is_pruned_through_the_module_it_wraps(tmp_path):
+    """prune(torch.compile(model)) prunes the wrapped module and returns it, the same result as pruning
+    the plain model (per-layer widths: the export class is the wrapped module's); a failed call on a
+    compiled model leaves the module as it was."""
+    kw = dict(ratio=0.5, steps=4, progress=False)
+    plain = loraprune.prune(tiny_model(), random_batches(n=2), **kw)
+    model = tiny_model()
+    pruned = loraprune.prune(torch.compile(model), random_batches(n=2), **kw)
+    assert pruned is model and not pruned.config.loraprune["uniform"]
+    assert type(pruned) is type(plain)
+    want, got = plain.state_dict(), pruned.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    out = loraprune.save_pruned(torch.compile(pruned), tmp_path / "c")  # saved as the module it wraps
+    x = random_batches(n=1)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loraprune.load_pruned(out)(x).logits, plain(x).logits, rtol=0, atol=0)
+
+    model = tiny_model()
+    snap = _snapshot(model)
+    with pytest.raises(OSError, match="disk went away"):
+        loraprune.prune(torch.compile(model), _failing_data(), **kw)
+    _assert_intact(model, snap)
+
+
+def test_a_failure_after_training_before_the_cut_leaves_the_model_as_it_was(monkeypatch):
+    """Everything after the first change to the model is inside the restore guarantee: a failure in
+    the final step (here: reaching the target masks) puts the model back."""
+    model = tiny_model()
+    snap = _snapshot(model)
+
+    def broken(self):
+        raise RuntimeError("failed at the end")
+    monkeypatch.setattr(loraprune.LoRAPruner, "reach_target", broken)
+    with pytest.raises(RuntimeError, match="failed at the end"):
+        loraprune.prune(model, random_batches(n=2), ratio=0.5, steps=3, progress=False)
+    _assert_intact(model, snap)

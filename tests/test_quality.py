@@ -8,9 +8,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraprune
-from loraprune.data import load_texts, text_windows
+from loraprune.corpora import load_texts, shakespeare_split
 from loraprune.eval import perplexity
-from loraprune.reference import shakespeare_split, train_tokenizer
+from loraprune.reference import train_tokenizer
+from loraprune.windows import text_windows
 
 pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles
 

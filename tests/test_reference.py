@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from loraprune import data as D
+from loraprune import corpora
 from loraprune import reference as ref
-from loraprune.data import HELDOUT_FILES, SAMPLE_DIR, resolve_data_dir, shakespeare_split, text_windows, token_stream
+from loraprune.corpora import HELDOUT_FILES, SAMPLE_DIR, resolve_data_dir, shakespeare_split
 from loraprune.reference import (
     PRESETS,
     TrainSettings,
@@ -15,6 +15,7 @@ from loraprune.reference import (
     reference_config,
     train_tokenizer,
 )
+from loraprune.windows import text_windows, token_stream
 
 TINY = TrainSettings(
     vocab_size=384,
@@ -73,7 +74,7 @@ def test_data_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv("LORAPRUNE_DATA", raising=False)
     (tmp_path / "proj").mkdir()
     beside = [tmp_path / "proj" / ".." / "shared" / "data", tmp_path / "checkout" / "shared" / "data"]
-    monkeypatch.setattr(D, "_beside_repository", lambda: beside)
+    monkeypatch.setattr(corpora, "_beside_repository", lambda: beside)
     assert resolve_data_dir() == SAMPLE_DIR  # nothing beside the repository: a fresh clone
     assert shakespeare_split()[1][0].parent == SAMPLE_DIR / "shakespeare"
     beside[1].mkdir(parents=True)
