@@ -31,7 +31,6 @@ import torch
 import torch.nn as nn
 
 from .errors import LoRAPruneError
-
 from .gguf import forget_gguf_origin
 from .lora import LoRALinear, is_peft_lora_layer
 from .masks import Masks
@@ -80,8 +79,9 @@ def _as_mistral(model: nn.Module) -> nn.Module:
                 setattr(module, key, module.inv_freq.clone())
     new.tie_weights()
     new.generation_config = model.generation_config
-    if getattr(model, "loraprune_masks", None) is not None:
-        new.loraprune_masks = model.loraprune_masks
+    for attr in ("loraprune_masks", "loraprune_gguf_source"):
+        if getattr(model, attr, None) is not None:
+            setattr(new, attr, getattr(model, attr))
     return new.eval()
 
 
@@ -151,21 +151,34 @@ def atomic_directory(out_dir, overwrite: bool = False):
         raise
 
 
-def write_atomic(path, content: str | bytes) -> Path:
-    """Write one file atomically: a temporary sibling, flushed, then renamed over ``path``."""
+@contextmanager
+def atomic_file(path, overwrite: bool = True):
+    """Yield a temporary sibling path to write; on success it replaces ``path``, on error it vanishes.
+
+    For writers that take a file name (the GGUF writer); :func:`write_atomic` writes bytes this way.
+    """
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists; choose another file name or pass overwrite=True")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content.encode("utf-8") if isinstance(content, str) else content)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_atomic(path, content: str | bytes) -> Path:
+    """Write one file atomically: a temporary sibling, flushed, then renamed over ``path``."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
     return path
 
 
@@ -213,6 +226,16 @@ def require_pruned(model: nn.Module, what: str = "save_pruned") -> dict:
     return block
 
 
+def require_merged(model: nn.Module) -> None:
+    """Refuse a model that still holds LoRA layers (what save_pruned and save_gguf write is one dense model)."""
+    lora = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) or is_peft_lora_layer(m)]
+    if lora:
+        raise PrunedModelError(
+            f"the model still holds {len(lora)} LoRA layers (e.g. {lora[0]}); call loraprune.merge_lora(model) "
+            "to save the merged model, or loraprune.export_adapter(model, dir) to save the pruned base and its adapter"
+        )
+
+
 def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=None, extra_json: dict | None = None,
                 **save_kwargs) -> Path:
     """Save atomically (safetensors + JSON): write a sibling temp dir, then rename it into place.
@@ -226,12 +249,7 @@ def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=No
     (``config.json``, ``loraprune_masks.json``, ...) is refused rather than overwritten.
     """
     require_pruned(model)
-    lora = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) or is_peft_lora_layer(m)]
-    if lora:
-        raise PrunedModelError(
-            f"the model still holds {len(lora)} LoRA layers (e.g. {lora[0]}); call loraprune.merge_lora(model) "
-            "to save the merged model, or loraprune.export_adapter(model, dir) to save the pruned base and its adapter"
-        )
+    require_merged(model)
     _check_target(Path(out_dir), overwrite)
     model = attach_export(forget_gguf_origin(model))
     out_dir = Path(out_dir)
