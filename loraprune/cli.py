@@ -1,4 +1,4 @@
-"""The ``loraprune`` command: prune, eval, inspect, bench.
+"""The ``loraprune`` command: prune, eval, inspect, export, bench.
 
 ``loraprune prune`` (:mod:`loraprune.cli_prune`) is built for long unattended
 runs: it checkpoints into ``OUTPUT/checkpoints/``, ``--resume`` continues from
@@ -31,9 +31,11 @@ from .cli_inputs import (
     check_path_exists,
     eval_texts,
     load_model_and_tokenizer,
+    load_tokenizer,
     resolve_placement,
 )
 from .errors import LoRAPruneError
+from .gguf_export import DTYPES as GGUF_DTYPES
 from .tables import format_table
 
 EXIT_USAGE = 2
@@ -91,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir", help="model directory")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    x = sub.add_parser("export", help="write a pruned model as one GGUF file for llama.cpp / ollama",
+                       formatter_class=fmt,
+                       description="Per-layer models become llama.cpp's 'deci' architecture (per-layer head counts "
+                                   "and MLP widths), uniform LLaMA/Mistral ones the stock 'llama' architecture. "
+                                   "For 4-bit k-quants, quantize the f16 file with llama.cpp's llama-quantize.")
+    x.add_argument("output", help="the .gguf file to write")
+    x.add_argument("--from", dest="source", required=True, help="directory of a pruned model (loraprune prune "
+                                                                  "--output, or save_pruned)")
+    x.add_argument("--dtype", default="f16", choices=GGUF_DTYPES, help="type of the 2-D weights (norms stay f32)")
+    x.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory, or a .gguf file whose tokenizer is copied (default: the one saved "
+                        "with the model)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
     b = sub.add_parser("bench", help="run the benchmarks (python -m bench.run) from a source checkout",
                        formatter_class=fmt, description="Thin dispatcher: every further argument goes to bench.run.")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for bench.run ('loraprune bench --help-bench' "
@@ -144,6 +160,29 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from .gguf import is_gguf_file
+    from .gguf_export import save_gguf
+    from .io import inspect_dir, load_pruned
+
+    check_path_exists("--from", args.source, "the directory of a pruned model")
+    check_path_exists("--tokenizer", args.tokenizer, "a tokenizer directory or a .gguf file")
+    info = inspect_dir(args.source)  # refuses a broken directory before anything loads
+    if not info["pruned_by_loraprune"]:
+        raise CLIError(f"--from {args.source}: the model was not pruned by loraprune (its config.json has no "
+                       "loraprune block); prune it first (loraprune prune), or convert it with llama.cpp's "
+                       "convert_hf_to_gguf.py")
+    tok_name = args.tokenizer or args.source
+    tokenizer = tok_name if is_gguf_file(tok_name) else load_tokenizer(tok_name)
+    model = load_pruned(args.source, dtype=torch.float32)
+    path = save_gguf(model, args.output, tokenizer, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype}, "
+          f"{'uniform' if info['uniform'] else 'per-layer widths'}); run it: llama-cli -m {path}")
+    return 0
+
+
 def bench_roots() -> list[Path]:
     """Where a source checkout's ``bench/`` may be: the working directory, then the package's parent."""
     return [Path.cwd(), Path(__file__).resolve().parent.parent]
@@ -177,7 +216,7 @@ def _cmd_prune(args) -> int:
     return cmd_prune(args)
 
 
-COMMANDS = {"prune": _cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench}
+COMMANDS = {"prune": _cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
