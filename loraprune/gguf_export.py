@@ -18,10 +18,9 @@ What llama.cpp needs to compute the same function, and why it is written:
 * q/k rows in llama.cpp's rotary order for the ``llama``/``deci`` graphs
   (adjacent pairs instead of transformers' two halves, per head:
   :func:`rotary_rows`); the Qwen graphs use transformers' order as is;
-* a layer that keeps attention but no MLP channel gets one all-zero channel
-  (exactly the same function): the ``deci`` graph would otherwise drop that
-  layer's attention output as well; a layer with no attention writes
-  ``head_count = 0`` and no attention tensors;
+* every layer keeps at least one KV group and one MLP channel (compaction
+  guarantees it; checked): the ``deci`` graph drops the attention output of a
+  layer written with ``feed_forward_length = 0``;
 * RoPE frequency rescaling (Llama-3, linear) as the ``rope_freqs`` tensor,
   computed from the model's own rotary embedding, so any scaling that only
   rescales frequencies is reproduced exactly; others are refused;
@@ -71,8 +70,7 @@ class LayerPlan:
 
     n_head: int
     n_head_kv: int
-    n_ff: int  # as written: 1 for a layer with attention and no MLP channel (a zero channel is added)
-    zero_channel: bool = False
+    n_ff: int
 
 
 @dataclass
@@ -142,9 +140,10 @@ def _rope(model: nn.Module, head_dim: int) -> tuple[float, np.ndarray | None]:
 def _layer_plans(model: nn.Module, spec) -> list[LayerPlan]:
     plans = []
     for lg in build_layer_groups(model, spec):
-        n_head = lg.n_kv * lg.q_per_kv
-        zero = n_head > 0 and lg.n_channels == 0
-        plans.append(LayerPlan(n_head, lg.n_kv, 1 if zero else lg.n_channels, zero))
+        if lg.n_kv == 0 or lg.n_channels == 0:
+            raise GGUFExportError(f"layer {lg.layer} has {lg.n_kv} KV groups and {lg.n_channels} MLP channels; "
+                                  "llama.cpp's graphs need both in every layer (loraprune's compaction keeps both)")
+        plans.append(LayerPlan(lg.n_kv * lg.q_per_kv, lg.n_kv, lg.n_channels))
     return plans
 
 
@@ -175,15 +174,8 @@ def plan_export(model: nn.Module) -> ExportPlan:
         arch, permute = model_type, False
         _check_biases(model, spec, ("q_proj", "k_proj", "v_proj") if model_type == "qwen2" else ())
     else:
-        # the stock graph needs attention and an MLP in every layer; deci takes any per-layer counts
-        stock = uniform and layers[0].n_head > 0 and not layers[0].zero_channel
-        arch, permute = ("llama" if stock else "deci"), True
+        arch, permute = ("llama" if uniform else "deci"), True
         _check_biases(model, spec, ())
-    if any(p.zero_channel for p in layers):
-        if arch != "deci":
-            raise GGUFExportError(f"llama.cpp's {arch} graph needs MLP channels in every layer, and this model has "
-                                  "none left; prune it less, or run it in transformers (loraprune.load_pruned)")
-        notes.append("layers with attention and no MLP channel get one all-zero channel (same function)")
     context = int(config.max_position_embeddings)
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and int(window) < context:
@@ -205,8 +197,6 @@ def rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     llama.cpp's ``llama``/``deci`` graphs rotate ``2i`` with ``2i + 1``. Row
     ``i`` of the first half goes to ``2i``, row ``i`` of the second half to ``2i + 1``.
     """
-    if n_heads == 0:
-        return weight
     rows, cols = weight.shape
     d = rows // n_heads
     return weight.reshape(n_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)
@@ -238,28 +228,22 @@ def iter_tensors(model: nn.Module, plan: ExportPlan):
     for i, (layer, lp) in enumerate(zip(decoder_layers(model, spec), plan.layers)):
         proj = layer_projections(layer, spec)
         attn = get_submodule(layer, spec.attn)
-        if lp.n_head:
-            yield f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight
-            for name in spec.attn_projections:
-                weight = proj[name].weight
-                if plan.permute and name == spec.q:
-                    weight = rotary_rows(weight, lp.n_head)
-                elif plan.permute and name == spec.k:
-                    weight = rotary_rows(weight, lp.n_head_kv)
-                yield f"blk.{i}.{TENSOR_NAMES[name]}.weight", weight
-                if getattr(proj[name], "bias", None) is not None:
-                    yield f"blk.{i}.{TENSOR_NAMES[name]}.bias", proj[name].bias
-            for norm, gguf_name in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
-                if getattr(attn, norm, None) is not None:
-                    yield f"blk.{i}.{gguf_name}.weight", getattr(attn, norm).weight
-        if lp.n_ff:
-            yield f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight
-            for name in spec.mlp_projections:
-                weight = proj[name].weight
-                if lp.zero_channel:  # one channel whose down column is zero: the MLP adds exactly nothing
-                    shape = (1, weight.shape[1]) if name != spec.down else (weight.shape[0], 1)
-                    weight = torch.zeros(shape, dtype=weight.dtype)
-                yield f"blk.{i}.{TENSOR_NAMES[name]}.weight", weight
+        yield f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight
+        for name in spec.attn_projections:
+            weight = proj[name].weight
+            if plan.permute and name == spec.q:
+                weight = rotary_rows(weight, lp.n_head)
+            elif plan.permute and name == spec.k:
+                weight = rotary_rows(weight, lp.n_head_kv)
+            yield f"blk.{i}.{TENSOR_NAMES[name]}.weight", weight
+            if getattr(proj[name], "bias", None) is not None:
+                yield f"blk.{i}.{TENSOR_NAMES[name]}.bias", proj[name].bias
+        for norm, gguf_name in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
+            if getattr(attn, norm, None) is not None:
+                yield f"blk.{i}.{gguf_name}.weight", getattr(attn, norm).weight
+        yield f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight
+        for name in spec.mlp_projections:
+            yield f"blk.{i}.{TENSOR_NAMES[name]}.weight", proj[name].weight
     yield "output_norm.weight", model.model.norm.weight
     if not plan.tied:
         yield "output.weight", model.get_output_embeddings().weight

@@ -161,10 +161,10 @@ def add_tokenizer(writer, tokenizer, n_vocab: int) -> str:
         if text is None:
             tokens[idx] = f"[PAD{idx}]"
             types.append(UNUSED)
-        elif idx in added:
-            types.append(CONTROL if added[idx].get("special") else USER_DEFINED)
         elif sentencepiece and idx == special.get("unk"):
             types.append(UNKNOWN)
+        elif idx in added:
+            types.append(CONTROL if added[idx].get("special") else USER_DEFINED)
         elif sentencepiece and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             types.append(BYTE)
         else:
