@@ -4,20 +4,21 @@ llama.cpp reads ``{arch}.attention.head_count``, ``head_count_kv`` and
 ``feed_forward_length`` either as one number or as one number per layer; its
 ``deci`` architecture builds every layer from those per-layer counts. So:
 
-* every layer alike, LLaMA or Mistral -> the stock ``llama`` architecture;
-* per-layer widths, LLaMA or Mistral -> ``deci`` with per-layer uint32 arrays;
-* Qwen2 / Qwen3, every layer alike -> the stock ``qwen2`` / ``qwen3``
-  architectures (q/k/v biases, q/k norms); per-layer Qwen models are refused
-  (those llama.cpp graphs read one head count for all layers) with the fix:
-  prune with ``uniform=True``.
+* every layer alike, LLaMA, Mistral or Qwen2 -> the stock ``llama``
+  architecture (it reads optional q/k/v biases, so Qwen2 is a LLaMA here);
+* per-layer widths, LLaMA, Mistral or Qwen2 -> ``deci`` with per-layer uint32
+  arrays (llama.cpp's ``qwen2`` graph would want q rows = hidden size);
+* Qwen3, every layer alike -> the stock ``qwen3`` architecture (q/k norms);
+  a per-layer Qwen3 is refused with the fix, ``uniform=True``: llama.cpp
+  refuses per-layer widths in that graph.
 
 What llama.cpp needs to compute the same function, and why it is written:
 
 * ``attention.key_length`` / ``value_length``: without them llama.cpp derives
   the head size from layer 0's head count and refuses a pruned file;
-* q/k rows in llama.cpp's rotary order for the ``llama``/``deci`` graphs
-  (adjacent pairs instead of transformers' two halves, per head:
-  :func:`rotary_rows`); the Qwen graphs use transformers' order as is;
+* q/k rows (and biases) in llama.cpp's rotary order for the ``llama``/``deci``
+  graphs (adjacent pairs instead of transformers' two halves, per head:
+  :func:`rotary_rows`); the ``qwen3`` graph uses transformers' order as is;
 * every layer keeps at least one KV group and one MLP channel (compaction
   guarantees it; checked): the ``deci`` graph drops the attention output of a
   layer written with ``feed_forward_length = 0``;
@@ -50,8 +51,6 @@ log = logging.getLogger(__name__)
 
 #: ``dtype`` names -> (tensor type of 2-D weights, file type); 1-D tensors are always f32, as in llama.cpp.
 DTYPES = ("f32", "f16", "bf16", "q8_0")
-#: Qwen models: no rotary permutation (NEOX rope in llama.cpp), uniform widths only.
-QWEN_ARCHS = ("qwen2", "qwen3")
 #: transformers' rope types that only rescale the rotary frequencies (reproduced by ``rope_freqs``).
 FREQ_ONLY_ROPE = ("default", "llama3", "linear")
 SOURCE_ATTR = "loraprune_gguf_source"  # set by load_gguf: the file the model (and its tokenizer) came from
@@ -165,17 +164,17 @@ def plan_export(model: nn.Module) -> ExportPlan:
     head_dim = build_layer_groups(model, spec)[0].head_dim
     uniform = len({(p.n_head, p.n_head_kv, p.n_ff) for p in layers}) == 1
     notes = []
-    if model_type in QWEN_ARCHS:
+    if model_type == "qwen3":
         if not uniform:
             raise GGUFExportError(
-                f"llama.cpp's {model_type} graph reads one head count and MLP width for all layers, and this model "
-                "has per-layer widths; prune it with uniform=True (loraprune.prune(..., uniform=True), or "
-                "'loraprune prune --uniform') to export it, or run it in transformers (loraprune.load_pruned)")
+                "llama.cpp's qwen3 graph (q/k norms) takes no per-layer widths, and this model has them; prune it "
+                "with uniform=True (loraprune.prune(..., uniform=True), or 'loraprune prune --uniform') to export "
+                "it, or run it in transformers (loraprune.load_pruned)")
         arch, permute = model_type, False
-        _check_biases(model, spec, ("q_proj", "k_proj", "v_proj") if model_type == "qwen2" else ())
+        _check_biases(model, spec, ())
     else:
         arch, permute = ("llama" if uniform else "deci"), True
-        _check_biases(model, spec, ())
+        _check_biases(model, spec, ("q_proj", "k_proj", "v_proj") if model_type == "qwen2" else ())
     context = int(config.max_position_embeddings)
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and int(window) < context:
@@ -236,8 +235,11 @@ def iter_tensors(model: nn.Module, plan: ExportPlan):
             elif plan.permute and name == spec.k:
                 weight = rotary_rows(weight, lp.n_head_kv)
             yield f"blk.{i}.{TENSOR_NAMES[name]}.weight", weight
-            if getattr(proj[name], "bias", None) is not None:
-                yield f"blk.{i}.{TENSOR_NAMES[name]}.bias", proj[name].bias
+            bias = getattr(proj[name], "bias", None)
+            if bias is not None and plan.permute and name in (spec.q, spec.k):
+                bias = rotary_rows(bias[:, None], lp.n_head if name == spec.q else lp.n_head_kv)[:, 0]
+            if bias is not None:
+                yield f"blk.{i}.{TENSOR_NAMES[name]}.bias", bias
         for norm, gguf_name in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
             if getattr(attn, norm, None) is not None:
                 yield f"blk.{i}.{gguf_name}.weight", getattr(attn, norm).weight

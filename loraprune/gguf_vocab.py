@@ -99,7 +99,7 @@ def _pre_name(data: dict) -> str:
         kinds.insert(0, "normalizer:" + ",".join(n.get("type", "?") for n in _components(data["normalizer"])))
     byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
     if kinds == ["ByteLevel"] and byte_level[0].get("use_regex", True) and not byte_level[0].get("add_prefix_space"):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and byte_level[0].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not byte_level[0].get("use_regex", True):

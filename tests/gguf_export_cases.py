@@ -75,7 +75,7 @@ def per_layer_llama(vocab_size: int, arch: str = "llama", **cfg):
 
 
 def uniform(arch: str, vocab_size: int, **cfg):
-    attn = [[True, False]] * 3
+    attn = [[True, False, True, False] if arch == "llama-mha" else [True, False]] * 3
     mlp = [channels(48, 32)] * 3
     return compacted(arch, attn, mlp, vocab_size, **cfg)
 

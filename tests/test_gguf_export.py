@@ -88,7 +88,7 @@ def test_q8_0_keeps_rows_it_cannot_pack_in_f16(tok, tmp_path):
 def test_hf_tokenizers_are_converted(tok, tmp_path):
     model = uniform("llama", len(tok) + 3)  # embedding rows beyond the tokenizer: padded with unused tokens
     fields, _ = _fields(loraprune.save_gguf(model, tmp_path / "m.gguf", tok))
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert fields["tokenizer.ggml.tokens"][: len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
     assert fields["tokenizer.ggml.token_type"][len(tok):] == [5, 5, 5]
     assert fields["tokenizer.ggml.token_type"][0] == 3  # <s>: special -> control
@@ -146,8 +146,8 @@ def test_bad_arguments_fail_before_writing(tok, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.gguf"]
 
 
-def test_per_layer_qwen_is_refused_naming_uniform(tok, tmp_path):
-    model = per_layer_llama(len(tok), arch="qwen2")
+def test_per_layer_qwen3_is_refused_naming_uniform(tok, tmp_path):
+    model = per_layer_llama(len(tok), arch="qwen3")
     with pytest.raises(GGUFExportError, match="uniform=True"):
         loraprune.save_gguf(model, tmp_path / "m.gguf", tok)
     assert not list(tmp_path.iterdir())
