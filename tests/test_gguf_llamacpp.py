@@ -92,7 +92,7 @@ def test_llama_cpp_tokenizes_like_transformers(make, tmp_path):
 
 # ---------------------------------------------------------------------------- SmolLM2-135M
 @pytest.fixture(scope="module")
-def smollm2(eval_data_dir):
+def smollm2(data_dir):
     """SmolLM2-135M pruned 50 %: default (per-layer widths) and uniform, 2 steps each."""
     from loraprune.gguf import load_gguf, smollm2_path
 
@@ -101,7 +101,7 @@ def smollm2(eval_data_dir):
     except loraprune.gguf.GGUFError as err:
         pytest.skip(str(err))
     dense, tok = load_gguf(path)
-    text = (eval_data_dir / "wikitext-2" / "valid.txt").read_text()[:20000]
+    text = "\n".join(p.read_text() for p in sorted((data_dir / "shakespeare").glob("*.txt"))[:2])[:20000]
     ids = torch.tensor(tok(text)["input_ids"])
     batches = [{"input_ids": ids[i * 32:(i + 1) * 32][None]} for i in range(2)]
     out = {}
