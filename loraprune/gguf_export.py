@@ -328,13 +328,27 @@ def save_gguf(model: nn.Module, path, tokenizer=None, dtype: str = "f16", *, ove
             (the same errors as :func:`loraprune.save_pruned`).
         GGUFExportError: llama.cpp could not compute this model exactly (the message names the alternative).
     """
-    from .io import atomic_file, require_merged, require_pruned
+    from .io import require_merged, require_pruned
 
     dtype = _check_dtype(dtype)
     path = Path(path).expanduser()
     _check_path(path, overwrite)
     require_pruned(model, "save_gguf")
     require_merged(model)
+    return write_gguf(model, path, tokenizer, dtype, overwrite=overwrite)
+
+
+def write_gguf(model: nn.Module, path, tokenizer=None, dtype: str = "f16", *, overwrite: bool = False) -> Path:
+    """:func:`save_gguf` without its refusals of unpruned and unmerged models.
+
+    For the dense baseline of a benchmark (the same writer for both sides);
+    users call :func:`save_gguf`.
+    """
+    from .io import atomic_file
+
+    dtype = _check_dtype(dtype)
+    path = Path(path).expanduser()
+    _check_path(path, overwrite)
     _require_gguf_package()
     import gguf
 
