@@ -71,13 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_prune_parser(sub, fmt)
 
-    e = sub.add_parser("eval", help="perplexity of a (pruned) model", formatter_class=fmt,
-                       description="Perplexity in the pruning papers' protocol: documents joined, tokenised once, "
-                                   "non-overlapping windows, exp(mean NLL).")
+    e = sub.add_parser("eval", help="perplexity and/or zero-shot tasks (lm-eval) of a (pruned) model",
+                       formatter_class=fmt,
+                       description="Perplexity in the pruning papers' protocol (--data: documents joined, tokenised "
+                                   "once, non-overlapping windows, exp(mean NLL)); zero-shot accuracy with "
+                                   "lm-evaluation-harness (--tasks, needs pip install loraprune[eval]).")
     e.add_argument("--model", required=True, help="model directory (pruned or not), a .gguf file, or a hub id")
-    e.add_argument("--data", required=True,
-                   help="a .txt/.jsonl file or a folder of them, 'wikitext2' / 'ptb' / 'shakespeare' (local shared "
-                        "copies when present), or a hub dataset name")
+    e.add_argument("--data", default=None,
+                   help="perplexity text: a .txt/.jsonl file or a folder of them, 'wikitext2' / 'ptb' / 'shakespeare' "
+                        "(local shared copies when present), or a hub dataset name")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks, e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge "
+                        "(they download their data), or tasks of your own with --include-path")
+    e.add_argument("--include-path", default=None, help="folder of lm-eval task YAML files of your own")
+    e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's, 0)")
+    e.add_argument("--limit", type=_positive_int, default=None, help="lm-eval: only the first N examples per task")
     e.add_argument("--split", default="test", help="split for named or hub datasets")
     e.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per window")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass")
@@ -116,11 +124,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------ commands
 def cmd_eval(args) -> int:
-    from .eval import perplexity
-
+    if args.data is None and args.tasks is None:
+        raise CLIError("pass --data (perplexity) and/or --tasks (zero-shot accuracy with lm-eval)")
     placement = resolve_placement(args.device, args.dtype)
     for option in ("--model", "--baseline"):
         check_path_exists(option, getattr(args, option[2:]), "a model directory, a .gguf file, or a hub id")
+    check_path_exists("--include-path", args.include_path, "a folder of lm-eval task YAML files")
+    if args.tasks is not None:
+        from .eval import _lm_eval
+
+        _lm_eval()  # the missing extra is named before any model loads
+    if args.data is not None:
+        _eval_perplexity(args, placement)
+    if args.tasks is not None:
+        _eval_tasks(args, placement)
+    return 0
+
+
+def _eval_tasks(args, placement) -> None:
+    from .eval import lm_eval_tasks
+
+    rows = []
+    for name in [args.model] + ([args.baseline] if args.baseline else []):
+        model, tokenizer = load_model_and_tokenizer(name, args.tokenizer, placement.dtype, device=placement.device)
+        results = lm_eval_tasks(model, tokenizer, args.tasks, batch_size=args.batch_size,
+                                include_path=args.include_path, num_fewshot=args.num_fewshot, limit=args.limit)
+        for task, metrics in results.items():
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)) and "stderr" not in metric and metric != "alias":
+                    stderr = metrics.get(metric.replace(",", "_stderr,", 1))
+                    rows.append([name, task, metric.split(",")[0], value,
+                                 stderr if isinstance(stderr, (int, float)) else "-"])
+    print(format_table(["model", "task", "metric", "value", "stderr"], rows,
+                       title=f"lm-eval, {args.num_fewshot or 0}-shot"
+                             f"{f', first {args.limit} examples' if args.limit else ''}"))
+
+
+def _eval_perplexity(args, placement) -> None:
+    from .eval import perplexity
+
     texts = eval_texts(args.data, args.split)
     rows = []
     for name in [args.model] + ([args.baseline] if args.baseline else []):
@@ -135,7 +177,6 @@ def cmd_eval(args) -> int:
                              f"{placement.describe(model)} / {placement.dtype}"))
     if args.baseline:
         print(f"ratio pruned / baseline: {rows[0][2] / rows[1][2]:.4f}")
-    return 0
 
 
 def cmd_inspect(args) -> int:

@@ -2,8 +2,9 @@
 
 llama.cpp is reached through llama-cpp-python (``pip install llama-cpp-python``
 builds llama.cpp from source with the system compiler, 10-20 minutes once;
-pip caches the wheel). Without it these tests skip. The KV cache is f32: the
-default f16 cache alone moves logits by about 0.1.
+pip caches the wheel). Without it these tests skip. The KV cache is f32 and
+flash attention off: the default f16 cache alone moves logits by about 0.1,
+CPU flash attention by about 0.03 (dense SmolLM2, f32 weights; 1e-4 without).
 
 SmolLM2 here is pruned with very few steps (the export, not the pruned
 quality, is under test); bench/llamacpp.py measures the 30-step models.
@@ -28,7 +29,7 @@ PROMPTS = ["To be, or not to be, that is the question:", "The quick brown fox ju
 
 def load(path, n_ctx: int = 128):
     return llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, verbose=False, seed=0,
-                           type_k=F32, type_v=F32, n_threads=2)
+                           type_k=F32, type_v=F32, flash_attn=False, n_threads=2)
 
 
 def engine_logits(llm, ids) -> torch.Tensor:
@@ -118,7 +119,7 @@ def test_smollm2_pruned_matches_in_llama_cpp(name, smollm2, tmp_path):
     assert model.config.loraprune["uniform"] is (name == "uniform")
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     f32 = loraprune.save_gguf(model, tmp_path / "f32.gguf", dtype="f32")  # tokenizer: copied from the source GGUF
-    assert max_diff(f32, model, ids) <= 5e-3
+    assert max_diff(f32, model, ids) <= 2e-3
     f16 = loraprune.save_gguf(model, tmp_path / "f16.gguf", dtype="f16")
     llm = load(f16)
     try:
