@@ -7,6 +7,7 @@ prebuilt wheels need a newer glibc than Debian 12's).
     python -m bench.llamacpp prune     # the default method, 30 steps (bench/smollm2.py's batches), saved pruned dirs
     python -m bench.llamacpp run       # GGUF f16 / Q8_0 / Q4_K_M of each, measured in llama.cpp -> results/llamacpp.json
     python -m bench.llamacpp report    # markdown table
+    python -m bench.llamacpp fidelity  # logits in llama.cpp vs transformers per model and dtype -> results/llamacpp_fidelity.json
 
 Every GGUF is written by ``loraprune.save_gguf`` as f16 (the dense model by
 the same writer, :func:`loraprune.gguf_export.write_gguf`), then quantized by
@@ -41,6 +42,8 @@ from pathlib import Path
 from bench.smollm2 import CACHE, EVALS, METHODS, eval_windows, evaluate, load_smollm2, train_batches
 
 RESULTS = Path(__file__).resolve().parent / "results" / "llamacpp.json"
+FIDELITY = RESULTS.with_name("llamacpp_fidelity.json")
+PROMPTS = ["To be, or not to be, that is the question:", "The capital of France is", "def fibonacci(n):\n    "]
 WORK = CACHE.parent / "llamacpp"
 RATIOS = (0.2, 0.5)
 QUANTS = {"Q8_0": 7, "Q4_K_M": 15}  # llama_ftype values of LLAMA_FTYPE_MOSTLY_Q8_0 / _Q4_K_M
@@ -223,6 +226,64 @@ def run(repeats: int, prompt_len: int, gen: int) -> dict:
     return record
 
 
+def fidelity(gen: int) -> dict:
+    """Max |logit difference| llama.cpp vs transformers (f32 KV cache, no flash attention) per model and dtype.
+
+    Also whether the next-token argmax agrees at every prompt position, and
+    whether ``gen`` greedy tokens after the first prompt are identical.
+    """
+    llama_cpp = _require_llama_cpp()
+    import numpy as np
+    import torch
+
+    from loraprune.gguf import smollm2_path
+    from loraprune.gguf_export import DTYPES, write_gguf
+    from loraprune.io import load_pruned
+
+    dense, tok = load_smollm2()
+    models = {"dense": dense, **{f"pruned {int(r * 100)}%": load_pruned(WORK / f"default@{r:g}", dtype=torch.float32)
+                                 for r in RATIOS}}
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    rows = []
+    for name, model in models.items():
+        with torch.no_grad():
+            ref = [model(torch.tensor([x])).logits[0].float() for x in ids]
+            want, seq = [], list(ids[0])
+            for _ in range(gen):
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+            want = seq[len(ids[0]):]
+        for dtype in DTYPES:
+            path = WORK / f"fidelity-{name.replace(' ', '-').replace('%', '')}-{dtype}.gguf"
+            write_gguf(model, path, smollm2_path(), dtype=dtype, overwrite=True)
+            llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, n_batch=128, n_threads=_threads(),
+                                  type_k=0, type_v=0, flash_attn=False, verbose=False, seed=0)
+            diff, agree = 0.0, True
+            for x, r in zip(ids, ref):
+                llm.reset()
+                llm.eval(x)
+                got = torch.from_numpy(np.array(llm.scores[: len(x)], dtype=np.float32))
+                diff = max(diff, float((got - r).abs().max()))
+                agree &= bool((got.argmax(-1) == r.argmax(-1)).all())
+            llm.reset()
+            llm.eval(ids[0])
+            out = []
+            for _ in range(gen):
+                out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+                llm.eval([out[-1]])
+            llm.close()
+            path.unlink()
+            rows.append({"model": name, "dtype": dtype, "max_abs_logit_diff": diff, "argmax_agrees": agree,
+                         f"greedy_{gen}_identical": out == want,
+                         "logit_scale": max(float(r.abs().max()) for r in ref)})
+            print(json.dumps(rows[-1]), flush=True)
+    record = {"command": "python -m bench.llamacpp " + " ".join(sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "llama_cpp_python": llama_cpp.__version__, "prompts": PROMPTS,
+              "setup": "llama.cpp f32 KV cache, flash attention off; transformers f32 on CPU", "rows": rows}
+    FIDELITY.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
 def report(record: dict | None = None) -> str:
     record = record or json.loads(RESULTS.read_text())
     names = list(record["rows"][0]["ppl"])
@@ -251,11 +312,17 @@ def main(argv=None) -> int:
     r.add_argument("--prompt", type=int, default=256)
     r.add_argument("--gen", type=int, default=64)
     sub.add_parser("report")
+    f = sub.add_parser("fidelity")
+    f.add_argument("--gen", type=int, default=32)
     args = p.parse_args(argv)
     if args.cmd == "prune":
         prune(args.steps, args.seed, args.lr)
     elif args.cmd == "run":
         print(report(run(args.repeats, args.prompt, args.gen)))
+    elif args.cmd == "fidelity":
+        for r in fidelity(args.gen)["rows"]:
+            print(f"{r['model']:12s} {r['dtype']:5s} max |diff| {r['max_abs_logit_diff']:.2e}  argmax agrees "
+                  f"{r['argmax_agrees']}  greedy identical {r[f'greedy_{args.gen}_identical']}")
     else:
         print(report())
     return 0
