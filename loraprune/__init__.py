@@ -22,6 +22,7 @@ from .config import PruneConfig
 from .engine import LoRAPruner
 from .errors import LoRAPruneError
 from .eval import perplexity
+from .gguf_export import save_gguf
 from .io import load_pruned, save_pruned
 from .oneshot import oneshot_prune
 from .prune import prune
@@ -32,7 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CubicSchedule", "LoRAPruneCallback", "LoRAPruneError", "LoRAPruner", "PruneConfig", "compact",
-    "export_adapter", "load_pruned", "merge_lora", "oneshot_prune", "perplexity", "prune", "save_pruned",
+    "export_adapter", "load_pruned", "merge_lora", "oneshot_prune", "perplexity", "prune", "save_gguf",
+    "save_pruned",
 ]
 
 #: Imported on first access: the Trainer callback (``transformers.Trainer`` is a heavy import).

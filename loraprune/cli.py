@@ -1,4 +1,4 @@
-"""The ``loraprune`` command: prune, eval, inspect, bench.
+"""The ``loraprune`` command: prune, eval, inspect, export, bench.
 
 ``loraprune prune`` (:mod:`loraprune.cli_prune`) is built for long unattended
 runs: it checkpoints into ``OUTPUT/checkpoints/``, ``--resume`` continues from
@@ -31,9 +31,11 @@ from .cli_inputs import (
     check_path_exists,
     eval_texts,
     load_model_and_tokenizer,
+    load_tokenizer,
     resolve_placement,
 )
 from .errors import LoRAPruneError
+from .gguf_export import DTYPES as GGUF_DTYPES
 from .tables import format_table
 
 EXIT_USAGE = 2
@@ -70,13 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_prune_parser(sub, fmt)
 
-    e = sub.add_parser("eval", help="perplexity of a (pruned) model", formatter_class=fmt,
-                       description="Perplexity in the pruning papers' protocol: documents joined, tokenised once, "
-                                   "non-overlapping windows, exp(mean NLL).")
+    e = sub.add_parser("eval", help="perplexity and/or zero-shot tasks (lm-eval) of a (pruned) model",
+                       formatter_class=fmt,
+                       description="Perplexity in the pruning papers' protocol (--data: documents joined, tokenised "
+                                   "once, non-overlapping windows, exp(mean NLL)); zero-shot accuracy with "
+                                   "lm-evaluation-harness (--tasks, needs pip install loraprune[eval]).")
     e.add_argument("--model", required=True, help="model directory (pruned or not), a .gguf file, or a hub id")
-    e.add_argument("--data", required=True,
-                   help="a .txt/.jsonl file or a folder of them, 'wikitext2' / 'ptb' / 'shakespeare' (local shared "
-                        "copies when present), or a hub dataset name")
+    e.add_argument("--data", default=None,
+                   help="perplexity text: a .txt/.jsonl file or a folder of them, 'wikitext2' / 'ptb' / 'shakespeare' "
+                        "(local shared copies when present), or a hub dataset name")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks, e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge "
+                        "(they download their data), or tasks of your own with --include-path")
+    e.add_argument("--include-path", default=None, help="folder of lm-eval task YAML files of your own")
+    e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's, 0)")
+    e.add_argument("--limit", type=_positive_int, default=None, help="lm-eval: only the first N examples per task")
     e.add_argument("--split", default="test", help="split for named or hub datasets")
     e.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per window")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass")
@@ -92,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir", help="model directory")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    x = sub.add_parser("export", help="write a pruned model as one GGUF file for llama.cpp / ollama",
+                       formatter_class=fmt,
+                       description="Per-layer models become llama.cpp's 'deci' architecture (per-layer head counts "
+                                   "and MLP widths), uniform LLaMA/Mistral ones the stock 'llama' architecture. "
+                                   "For 4-bit k-quants, quantize the f16 file with llama.cpp's llama-quantize.")
+    x.add_argument("output", help="the .gguf file to write")
+    x.add_argument("--from", dest="source", required=True, help="directory of a pruned model (loraprune prune "
+                                                                  "--output, or save_pruned)")
+    x.add_argument("--dtype", default="f16", choices=GGUF_DTYPES, help="type of the 2-D weights (norms stay f32)")
+    x.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory, or a .gguf file whose tokenizer is copied (default: the one saved "
+                        "with the model)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
     b = sub.add_parser("bench", help="run the benchmarks (python -m bench.run) from a source checkout",
                        formatter_class=fmt, description="Thin dispatcher: every further argument goes to bench.run.")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for bench.run ('loraprune bench --help-bench' "
@@ -101,11 +125,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------ commands
 def cmd_eval(args) -> int:
-    from .eval import perplexity
-
+    if args.data is None and args.tasks is None:
+        raise CLIError("pass --data (perplexity) and/or --tasks (zero-shot accuracy with lm-eval)")
     placement = resolve_placement(args.device, args.dtype)
     for option in ("--model", "--baseline"):
         check_path_exists(option, getattr(args, option[2:]), "a model directory, a .gguf file, or a hub id")
+    check_path_exists("--include-path", args.include_path, "a folder of lm-eval task YAML files")
+    if args.tasks is not None:
+        from .eval import _lm_eval
+
+        _lm_eval()  # the missing extra is named before any model loads
+    if args.data is not None:
+        _eval_perplexity(args, placement)
+    if args.tasks is not None:
+        _eval_tasks(args, placement)
+    return 0
+
+
+def _eval_tasks(args, placement) -> None:
+    from .eval import lm_eval_tasks
+
+    rows = []
+    for name in [args.model] + ([args.baseline] if args.baseline else []):
+        model, tokenizer = load_model_and_tokenizer(name, args.tokenizer, placement.dtype, device=placement.device)
+        results = lm_eval_tasks(model, tokenizer, args.tasks, batch_size=args.batch_size,
+                                include_path=args.include_path, num_fewshot=args.num_fewshot, limit=args.limit)
+        for task, metrics in results.items():
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)) and "stderr" not in metric and metric != "alias":
+                    stderr = metrics.get(metric.replace(",", "_stderr,", 1))
+                    rows.append([name, task, metric.split(",")[0], value,
+                                 stderr if isinstance(stderr, (int, float)) else "-"])
+    print(format_table(["model", "task", "metric", "value", "stderr"], rows,
+                       title=f"lm-eval, {args.num_fewshot or 0}-shot"
+                             f"{f', first {args.limit} examples' if args.limit else ''}"))
+
+
+def _eval_perplexity(args, placement) -> None:
+    from .eval import perplexity
+
     texts = eval_texts(args.data, args.split)
     rows = []
     for name in [args.model] + ([args.baseline] if args.baseline else []):
@@ -120,7 +178,6 @@ def cmd_eval(args) -> int:
                              f"{placement.describe(model)} / {placement.dtype}"))
     if args.baseline:
         print(f"ratio pruned / baseline: {rows[0][2] / rows[1][2]:.4f}")
-    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -142,6 +199,29 @@ def cmd_inspect(args) -> int:
     elif not info["pruned_by_loraprune"]:
         lines.append("not pruned by loraprune (config.json has no loraprune block)")
     print("\n".join(lines))
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .gguf import is_gguf_file
+    from .gguf_export import save_gguf
+    from .io import inspect_dir, load_pruned
+
+    check_path_exists("--from", args.source, "the directory of a pruned model")
+    check_path_exists("--tokenizer", args.tokenizer, "a tokenizer directory or a .gguf file")
+    info = inspect_dir(args.source)  # refuses a broken directory before anything loads
+    if not info["pruned_by_loraprune"]:
+        raise CLIError(f"--from {args.source}: the model was not pruned by loraprune (its config.json has no "
+                       "loraprune block); prune it first (loraprune prune), or convert it with llama.cpp's "
+                       "convert_hf_to_gguf.py")
+    tok_name = args.tokenizer or args.source
+    tokenizer = tok_name if is_gguf_file(tok_name) else load_tokenizer(tok_name)
+    model = load_pruned(args.source, dtype=torch.float32)
+    path = save_gguf(model, args.output, tokenizer, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype}, "
+          f"{'uniform' if info['uniform'] else 'per-layer widths'}); run it: llama-cli -m {path}")
     return 0
 
 
@@ -178,7 +258,7 @@ def _cmd_prune(args) -> int:
     return cmd_prune(args)
 
 
-COMMANDS = {"prune": _cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench}
+COMMANDS = {"prune": _cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ The evaluation texts themselves come from :func:`loraprune.corpora.load_eval_tex
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -224,31 +225,67 @@ def _decode_once(model, ids, new_tokens) -> float:
 
 
 # ------------------------------------------------------------------------ lm-eval
-def lm_eval_tasks(model: torch.nn.Module, tokenizer: Any, tasks: str | Sequence[str], batch_size: int = 8,
-                  **kw: Any) -> dict:
-    """Run lm-evaluation-harness tasks on an in-memory model.
+#: Zero-shot tasks of the pruning papers (LLM-Pruner, LoRAPrune), as lm-eval names them; they download their data.
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
-    Needs the optional extra ``pip install loraprune[eval]`` and network access for the task data.
+
+class MissingExtraError(LoRAPruneError, ImportError):
+    """An optional dependency is not installed; the message names the pip command."""
+
+
+def _lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:  # optional dependency
+        raise MissingExtraError(
+            "lm_eval_tasks needs lm-evaluation-harness: pip install loraprune[eval]  (or pip install lm-eval)"
+        ) from e
+    return lm_eval, HFLM, TaskManager
+
+
+def lm_eval_tasks(model: Any, tokenizer: Any = None, tasks: str | Sequence[str] = PAPER_TASKS, batch_size: int = 8,
+                  include_path: str | None = None, **kw: Any) -> dict:
+    """Run lm-evaluation-harness tasks on an in-memory model, or on a saved one (a directory or ``.gguf`` file).
+
+    Needs the optional extra ``pip install loraprune[eval]``; hub tasks
+    (``hellaswag``, ``piqa``, ``arc_easy``, ``winogrande``, ``boolq``, ...)
+    download their data on first use, local tasks (``include_path``) need no network.
 
     Args:
-        model: the (pruned) model, wrapped with ``lm_eval.models.huggingface.HFLM``.
-        tokenizer: its tokenizer.
-        tasks: task names, e.g. ``["boolq", "piqa"]`` (or one name).
+        model: the (pruned) model, or the path of a saved one (per-layer pruned
+            directories load with :func:`loraprune.load_pruned`), wrapped with
+            ``lm_eval.models.huggingface.HFLM``.
+        tokenizer: its tokenizer (default for a path: the one saved with it).
+        tasks: task names (or one name); default :data:`PAPER_TASKS`.
         batch_size: HFLM's batch size.
+        include_path: a folder of task YAML files of your own (``TaskManager(include_path=...)``).
         **kw: passed to ``lm_eval.simple_evaluate`` (``num_fewshot``, ``limit``, ...).
 
     Returns:
         The ``"results"`` dict (task -> metrics).
     """
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError as e:  # optional dependency
-        raise ImportError(
-            "lm_eval_tasks needs lm-evaluation-harness: pip install loraprune[eval]  (or pip install lm-eval)"
-        ) from e
+    lm_eval, HFLM, TaskManager = _lm_eval()
     if isinstance(tasks, str):
-        tasks = [tasks]
+        tasks = [t for t in tasks.split(",") if t]
+    if not tasks:
+        raise LoRAPruneError("no task given; pass task names, e.g. tasks=['piqa', 'boolq']")
+    if include_path is not None and not os.path.isdir(include_path):
+        raise LoRAPruneError(f"include_path={include_path!r} is not a folder; pass the folder holding the task YAML files")
+    if isinstance(model, (str, os.PathLike)):
+        from .cli_inputs import load_model_and_tokenizer
+
+        model, loaded = load_model_and_tokenizer(str(model), None if tokenizer is None else str(tokenizer)
+                                                 if isinstance(tokenizer, (str, os.PathLike)) else None)
+        tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) else loaded
+    if tokenizer is None:
+        raise LoRAPruneError("lm_eval_tasks needs the model's tokenizer: pass tokenizer=")
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise LoRAPruneError(f"unknown lm-eval task(s) {unknown}; the paper tasks are {', '.join(PAPER_TASKS)} "
+                             "(lm-eval --tasks list shows all), or pass include_path=<folder of your task YAMLs>")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), **kw)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, **kw)
     return results["results"]

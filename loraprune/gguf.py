@@ -83,7 +83,9 @@ def load_gguf(path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
 
     The tokenizer is rebuilt from the same file's metadata (``tokenizer=False``
     skips it and returns ``None``). The returned model carries no quantization
-    markers: ``save_pretrained`` works on it, pruned or not.
+    markers: ``save_pretrained`` works on it, pruned or not. It remembers the
+    file (``model.loraprune_gguf_source``), so :func:`loraprune.save_gguf`
+    writes the file's own tokenizer into the pruned GGUF.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,6 +102,7 @@ def load_gguf(path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
         raise GGUFError(f"transformers could not load {path} ({type(err).__name__}: {err}); loraprune needs a "
                         "GGUF of a LLaMA-family model that transformers supports") from err
     forget_gguf_origin(model)
+    model.loraprune_gguf_source = str(path)  # save_gguf copies this file's tokenizer keys
     tok = None
     if tokenizer:
         try:

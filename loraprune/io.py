@@ -86,8 +86,9 @@ def _as_mistral(model: nn.Module) -> nn.Module:
                 setattr(module, key, module.inv_freq.clone())
     new.tie_weights()
     new.generation_config = model.generation_config
-    if getattr(model, "loraprune_masks", None) is not None:
-        new.loraprune_masks = model.loraprune_masks
+    for attr in ("loraprune_masks", "loraprune_gguf_source"):
+        if getattr(model, attr, None) is not None:
+            setattr(new, attr, getattr(model, attr))
     return new.eval()
 
 
@@ -259,18 +260,24 @@ def atomic_directory(out_dir, overwrite: bool = False):
         raise
 
 
-def write_atomic(path, content: str | bytes) -> Path:
-    """Write one file atomically: a temporary sibling, flushed, then renamed over ``path``."""
+@contextmanager
+def atomic_file(path, overwrite: bool = True):
+    """Yield a temporary sibling path to write; on success it replaces ``path``, on error it vanishes.
+
+    For writers that take a file name (the GGUF writer); :func:`write_atomic` writes bytes this way.
+    """
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists; choose another file name or pass overwrite=True")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise output_error(path, err, "the file") from err
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content.encode("utf-8") if isinstance(content, str) else content)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as err:
@@ -279,6 +286,13 @@ def write_atomic(path, content: str | bytes) -> Path:
         if isinstance(err, OSError) and not isinstance(err, LoRAPruneError):
             raise output_error(path, err, "the file") from err
         raise
+
+
+def write_atomic(path, content: str | bytes) -> Path:
+    """Write one file atomically: a temporary sibling, flushed, then renamed over ``path``."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
     return path
 
 
@@ -326,6 +340,16 @@ def require_pruned(model: nn.Module, what: str = "save_pruned") -> dict:
     return block
 
 
+def require_merged(model: nn.Module) -> None:
+    """Refuse a model that still holds LoRA layers (what save_pruned and save_gguf write is one dense model)."""
+    lora = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) or is_peft_lora_layer(m)]
+    if lora:
+        raise PrunedModelError(
+            f"the model still holds {len(lora)} LoRA layers (e.g. {lora[0]}); call loraprune.merge_lora(model) "
+            "to save the merged model, or loraprune.export_adapter(model, dir) to save the pruned base and its adapter"
+        )
+
+
 def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=None, extra_json: dict | None = None,
                 **save_kwargs) -> Path:
     """Save atomically (safetensors + JSON): write a sibling temp dir, then rename it into place.
@@ -347,12 +371,7 @@ def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=No
         raise TypeError(f"tokenizer must be a tokenizer object with save_pretrained(), got "
                         f"{type(tokenizer).__name__}{hint}")
     _check_extra_json(extra_json)
-    lora = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) or is_peft_lora_layer(m)]
-    if lora:
-        raise PrunedModelError(
-            f"the model still holds {len(lora)} LoRA layers (e.g. {lora[0]}); call loraprune.merge_lora(model) "
-            "to save the merged model, or loraprune.export_adapter(model, dir) to save the pruned base and its adapter"
-        )
+    require_merged(model)
     _check_target(out_dir, overwrite)
     model = attach_export(forget_gguf_origin(model))
     with atomic_directory(out_dir, overwrite) as tmp:

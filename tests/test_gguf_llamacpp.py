@@ -1,0 +1,145 @@
+"""Proof in the real engine: GGUF files from save_gguf, run by llama.cpp, give transformers' logits.
+
+llama.cpp is reached through llama-cpp-python (``pip install llama-cpp-python``
+builds llama.cpp from source with the system compiler, 10-20 minutes once;
+pip caches the wheel). Without it these tests skip. The KV cache is f32 and
+flash attention off: the default f16 cache alone moves logits by about 0.1,
+CPU flash attention by about 0.03 (dense SmolLM2, f32 weights; 1e-4 without).
+
+SmolLM2 here is pruned with very few steps (the export, not the pruned
+quality, is under test); bench/llamacpp.py measures the 30-step models.
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import loraprune
+from gguf_export_cases import compacted, gpt2_tokenizer, logits, per_layer_llama, spm_tokenizer, uniform
+
+pytestmark = pytest.mark.slow
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="needs llama-cpp-python: pip install llama-cpp-python (builds llama.cpp, 10-20 min once)")
+
+F32 = 0  # GGML_TYPE_F32, for the KV cache
+PROMPTS = ["To be, or not to be, that is the question:", "The quick brown fox jumps over the lazy dog. Numbers 1999",
+           "Newlines\nand punctuation!? are here too."]
+
+
+def load(path, n_ctx: int = 128):
+    return llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, verbose=False, seed=0,
+                           type_k=F32, type_v=F32, flash_attn=False, n_threads=2)
+
+
+def engine_logits(llm, ids) -> torch.Tensor:
+    llm.reset()
+    llm.eval(list(ids))
+    return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+
+def max_diff(path, model, id_lists) -> float:
+    llm = load(path)
+    try:
+        return max(float((engine_logits(llm, ids) - logits(model, ids)).abs().max()) for ids in id_lists)
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return gpt2_tokenizer()
+
+
+def _ids(tok):
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+CASES = {
+    "per-layer llama (deci)": lambda n: per_layer_llama(n),
+    "per-layer llama, tied embeddings (deci)": lambda n: per_layer_llama(n, tie_word_embeddings=True),
+    "per-layer mistral (deci)": lambda n: per_layer_llama(n, arch="mistral"),
+    "uniform llama": lambda n: uniform("llama", n),
+    "uniform llama, MHA, llama3 rope scaling": lambda n: uniform(
+        "llama-mha", n, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 16}),
+    "uniform qwen2 (llama)": lambda n: uniform("qwen2", n),
+    "per-layer qwen2 (deci)": lambda n: per_layer_llama(n, arch="qwen2"),
+    "uniform qwen3": lambda n: uniform("qwen3", n),
+    "per-layer llama, attention pruned to 1 of 4 groups": lambda n: compacted(
+        "llama-mha", [[False, False, True, False], [True, True, True, True]],
+        [[i % 2 == 0 for i in range(48)], [True] * 48], n),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tiny_models_match_transformers_in_llama_cpp(case, tok, tmp_path):
+    model = CASES[case](len(tok))
+    path = loraprune.save_gguf(model, tmp_path / "m.gguf", tok, dtype="f32")
+    assert max_diff(path, model, _ids(tok)) <= 1e-3
+
+
+@pytest.mark.parametrize("make", [gpt2_tokenizer, spm_tokenizer], ids=["byte-level BPE", "SentencePiece-style"])
+def test_llama_cpp_tokenizes_like_transformers(make, tmp_path):
+    hf = make()
+    path = loraprune.save_gguf(uniform("llama", len(hf)), tmp_path / "m.gguf", hf, dtype="f32")
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    texts = PROMPTS + ["héllo wörld, ünïcode ✓ and 12345 digits", "  leading spaces and trailing  "]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == hf(text)["input_ids"], text
+    llm.close()
+
+
+# ---------------------------------------------------------------------------- SmolLM2-135M
+@pytest.fixture(scope="module")
+def smollm2(data_dir):
+    """SmolLM2-135M pruned 50 %: default (per-layer widths) and uniform, 2 steps each."""
+    from loraprune.gguf import load_gguf, smollm2_path
+
+    try:
+        path = smollm2_path()
+    except loraprune.gguf.GGUFError as err:
+        pytest.skip(str(err))
+    dense, tok = load_gguf(path)
+    text = "\n".join(p.read_text() for p in sorted((data_dir / "shakespeare").glob("*.txt"))[:2])[:20000]
+    ids = torch.tensor(tok(text)["input_ids"])
+    batches = [{"input_ids": ids[i * 32:(i + 1) * 32][None]} for i in range(2)]
+    out = {}
+    for name, extra in (("default", {}), ("uniform", {"uniform": True})):
+        out[name] = loraprune.prune(copy.deepcopy(dense), batches, ratio=0.5, steps=2, batch_size=1, seq_len=32,
+                                    progress=False, **extra)
+    return out, tok
+
+
+@pytest.mark.parametrize("name", ["default", "uniform"])
+def test_smollm2_pruned_matches_in_llama_cpp(name, smollm2, tmp_path):
+    models, tok = smollm2
+    model = models[name]
+    assert model.config.loraprune["uniform"] is (name == "uniform")
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    f32 = loraprune.save_gguf(model, tmp_path / "f32.gguf", dtype="f32")  # tokenizer: copied from the source GGUF
+    assert max_diff(f32, model, ids) <= 2e-3
+    f16 = loraprune.save_gguf(model, tmp_path / "f16.gguf", dtype="f16")
+    llm = load(f16)
+    try:
+        assert engine_greedy(llm, ids[0], 32) == hf_greedy(model, ids[0], 32)
+    finally:
+        llm.close()
+
+
+def engine_greedy(llm, prompt, n: int) -> list[int]:
+    llm.reset()
+    llm.eval(list(prompt))
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
+def hf_greedy(model, prompt, n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(logits(model, ids)[-1].argmax()))
+    return ids[len(prompt):]
