@@ -17,7 +17,7 @@ import torch
 from .corpora import load_texts
 from .errors import DataError
 from .text_files import check_not_streaming
-from .windows import check_context, check_token_ids, check_tokenizer_fits, text_windows, vocab_size_of
+from .windows import check_context, check_token_ids, check_tokenizer, check_tokenizer_fits, text_windows, vocab_size_of
 
 _IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
@@ -165,10 +165,7 @@ def make_batches(data: Any, config: Any, tokenizer: Any = None, seq_len: int = 1
     """
     if data is None:
         raise DataError("data is required: pass batches, a list of strings (with tokenizer=), or text file paths")
-    if tokenizer is not None and not callable(tokenizer):
-        hint = (f"; load it with AutoTokenizer.from_pretrained({tokenizer!r})" if isinstance(tokenizer, (str, os.PathLike))
-                else "")
-        raise TypeError(f"tokenizer must be a tokenizer object (callable on text), got {type(tokenizer).__name__}{hint}")
+    check_tokenizer(tokenizer)
     check_not_streaming(data)
     if hasattr(data, "column_names") and "input_ids" in data.column_names:
         return checked_batches(dataset_batches(data, batch_size), config)

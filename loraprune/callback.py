@@ -181,7 +181,7 @@ class LoRAPruneCallback(TrainerCallback):
         self._check_schedule_source()
         if self.pruner.schedule is None:
             if not state.max_steps or state.max_steps < 1:
-                raise ValueError("LoRAPruneCallback needs a known number of steps: set TrainingArguments(max_steps=...) "
+                raise ConfigError("LoRAPruneCallback needs a known number of steps: set TrainingArguments(max_steps=...) "
                                  "or give the pruner a CubicSchedule")
             self.pruner.schedule = CubicSchedule.for_run(state.max_steps, self.prune_start, self.prune_end,
                                                          self.prune_every)
@@ -197,13 +197,13 @@ class LoRAPruneCallback(TrainerCallback):
             lora = {id(p) for p in self.pruner.lora_parameters()}
             extra = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in lora]
             if extra:
-                raise ValueError(
+                raise ConfigError(
                     f"the optimizer also updates {len(extra)} non-LoRA tensors (the frozen weights must stay as they "
                     "are while they are scored); pass Trainer(..., optimizers=(callback.optimizer(lr), None))"
                 )
         fsdp = _find_fsdp(model)
         if fsdp is not None and not getattr(fsdp, "_use_orig_params", True):
-            raise ValueError("FSDP needs use_orig_params=True for LoRAPrune scoring "
+            raise ConfigError("FSDP needs use_orig_params=True for LoRAPrune scoring "
                              "(accelerate: fsdp_use_orig_params: true)")
         if state.global_step > 0:
             self._restore(args, state)

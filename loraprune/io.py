@@ -381,7 +381,7 @@ def save_pruned(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=No
             tokenizer.save_pretrained(tmp)
         for name, payload in (extra_json or {}).items():
             if (tmp / name).exists():
-                raise ValueError(f"extra_json names {name}, which save_pruned writes itself; choose another file name")
+                raise PrunedModelError(f"extra_json names {name}, which save_pruned writes itself; choose another file name")
             (tmp / name).write_text(json.dumps(payload, indent=2), encoding="utf-8")
     return out_dir
 

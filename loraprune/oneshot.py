@@ -47,6 +47,7 @@ from .archs import arch_for, decoder_layers, layer_projections
 from .batches import make_batches
 from .compaction import compact
 from .config import PruneConfig, plain_value
+from .errors import ConfigError, DataError
 from .groups import LayerGroups, build_layer_groups, layer_projection_params, removed_params
 from .io import attach_export
 from .lora import unwrap_peft
@@ -82,7 +83,7 @@ def collect_input_stats(model: nn.Module, batches, spec=None) -> list[tuple[Inpu
             h.remove()
         model.train(was_training)
     if n == 0:
-        raise ValueError("oneshot pruning got no calibration batches: pass data and calib_batches >= 1")
+        raise DataError("oneshot pruning got no calibration batches: pass data and calib_batches >= 1")
     return stats
 
 
@@ -169,10 +170,10 @@ def oneshot_plan(model, data, ratio, tokenizer=None, method="flap", calib_batche
                  skip_layers=None, ranking="layer", round_to=1, seed=0) -> OneShotPlan:
     """Calibrate on the dense model and choose the groups to keep (the model is not changed)."""
     if method not in METHODS:
-        raise ValueError(f"unknown one-shot method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown one-shot method {method!r}; choose one of {', '.join(METHODS)}")
     calib_batches = plain_value(calib_batches)
     if not isinstance(calib_batches, int) or isinstance(calib_batches, bool) or calib_batches < 1:
-        raise ValueError(f"calib_batches must be a positive integer, got {calib_batches!r}")
+        raise ConfigError(f"calib_batches must be a positive integer, got {calib_batches!r}")
     # the options prune() shares are validated (and numpy values made Python ones) where prune()'s are
     cfg = PruneConfig(ratio=ratio, skip_layers=skip_layers, ranking=ranking, round_to=round_to, seq_len=seq_len,
                       batch_size=batch_size, seed=seed)
@@ -224,7 +225,7 @@ def oneshot_prune(
     if bias_compensation is None:
         bias_compensation = method == "flap" and spec.model_type == "llama"
     if bias_compensation and spec.model_type != "llama":
-        raise ValueError(
+        raise ConfigError(
             f"bias_compensation needs an o_proj/down_proj bias that {spec.model_type!r} configs cannot express "
             "(only LLaMA has attention_bias/mlp_bias switches); pass bias_compensation=False"
         )

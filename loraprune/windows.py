@@ -6,6 +6,7 @@ vocabulary, its context) live here too.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -32,6 +33,14 @@ def vocab_size_of(model_or_config: Any) -> int | None:
     config = getattr(model_or_config, "config", model_or_config)
     size = getattr(config, "vocab_size", None)
     return int(size) if isinstance(size, int) else None
+
+
+def check_tokenizer(tokenizer: Any) -> None:
+    """A tokenizer must be a tokenizer object (callable on text), not its name or folder."""
+    if tokenizer is not None and not callable(tokenizer):
+        hint = (f"; load it with AutoTokenizer.from_pretrained({tokenizer!r})" if isinstance(tokenizer, (str, os.PathLike))
+                else "")
+        raise TypeError(f"tokenizer must be a tokenizer object (callable on text), got {type(tokenizer).__name__}{hint}")
 
 
 def check_tokenizer_fits(tokenizer: Any, vocab_size: int | None) -> None:
@@ -110,6 +119,7 @@ def token_stream(tokenizer: Any, source: Any, separator: str = DOC_SEPARATOR) ->
         return source.reshape(-1).long()
     if tokenizer is None:
         raise DataError("text needs a tokenizer: pass tokenizer=... (or token ids as a LongTensor)")
+    check_tokenizer(tokenizer)
     texts = read_texts(source)
     if not any(t.strip() for t in texts):
         raise DataError("the text is empty: pass at least one non-blank document")

@@ -155,6 +155,8 @@ CASES += [
         {"input_ids": [[1, 2, 3]] * 4}).to_iterable_dataset()), r"streaming datasets\.IterableDataset"),
     Case("data-tokenizer-is-a-path", _draw(["some text " * 20], tokenizer="path/to/tok"),
          r"tokenizer must be a tokenizer object.*AutoTokenizer\.from_pretrained\('path/to/tok'\)", raises=TypeError),
+    Case("data-perplexity-tokenizer-is-a-name", _ppl(["some text " * 30], tokenizer=lambda: "gpt2"),
+         r"tokenizer must be a tokenizer object.*AutoTokenizer\.from_pretrained\('gpt2'\)", raises=TypeError),
     # right error, right advice: labels padded with -1 are padding, not another tokenizer
     Case("data-labels-padded-minus-one", _draw(_ids([5, 6, 7, 8], labels=torch.tensor([[5, 6, -1, -1]]))),
          r"value -1 is neither a token id nor the ignore index -100.*labels\[labels == -1\] = -100"),

@@ -367,6 +367,8 @@ CASES += [
     Case("type-export-adapter-overwrite-string", lambda p: loraprune.export_adapter(_unmerged(), p / "ad",
                                                                                    overwrite="no"),
          r"overwrite must be True or False", raises=TypeError),
+    Case("type-save-extra-json-own-file", lambda p: save_pruned(pruned_model(), p / "o", extra_json={"config.json": {}}),
+         r"extra_json names config\.json, which save_pruned writes itself"),
     Case("type-load-path-int", lambda p: load_pruned(123), r"path must be a path", raises=TypeError),
     Case("type-load-device-map-int", _load_with(device_map=5), r"device_map must be a string", raises=TypeError),
     # load-time values
