@@ -180,7 +180,7 @@ def engine_perplexity(llama_cpp, path: Path, rows) -> float:
     return float(np.exp(nll / count))
 
 
-def run(repeats: int, prompt_len: int, gen: int, n_windows: int, ratios=RATIOS) -> dict:
+def run(repeats: int, prompt_len: int, gen: int, n_windows: int, ratios=RATIOS, out: Path = RESULTS) -> dict:
     llama_cpp = _require_llama_cpp()
     import torch
 
@@ -225,8 +225,8 @@ def run(repeats: int, prompt_len: int, gen: int, n_windows: int, ratios=RATIOS) 
                           f"{EVALS[k][1]} tokens" for k in windows},
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -288,8 +288,8 @@ def fidelity(gen: int) -> dict:
     return record
 
 
-def report(record: dict | None = None) -> str:
-    record = record or json.loads(RESULTS.read_text())
+def report(record: dict | None = None, path: Path = RESULTS) -> str:
+    record = record or json.loads(path.read_text())
     names = list(record["rows"][0]["ppl"])
     lines = ["| model | GGUF | MiB | weight tensors | prompt tok/s | gen tok/s | "
              + " | ".join(f"{n} (llama.cpp)" for n in names) + " |",
@@ -318,20 +318,22 @@ def main(argv=None) -> int:
     r.add_argument("--gen", type=int, default=64)
     r.add_argument("--windows", type=int, default=16, help="perplexity windows per text (at most 16)")
     r.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
-    sub.add_parser("report")
+    r.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
+    rp = sub.add_parser("report")
+    rp.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     f = sub.add_parser("fidelity")
     f.add_argument("--gen", type=int, default=32)
     args = p.parse_args(argv)
     if args.cmd == "prune":
         prune(args.steps, args.seed, args.lr, args.batch_size)
     elif args.cmd == "run":
-        print(report(run(args.repeats, args.prompt, args.gen, args.windows, tuple(args.ratios))))
+        print(report(run(args.repeats, args.prompt, args.gen, args.windows, tuple(args.ratios), args.out)))
     elif args.cmd == "fidelity":
         for r in fidelity(args.gen)["rows"]:
             print(f"{r['model']:12s} {r['dtype']:5s} max |diff| {r['max_abs_logit_diff']:.2e}  argmax agrees "
                   f"{r['argmax_agrees']}  greedy identical {r[f'greedy_{args.gen}_identical']}")
     else:
-        print(report())
+        print(report(path=args.out))
     return 0
 
 
