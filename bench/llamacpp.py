@@ -4,7 +4,7 @@ Needs llama-cpp-python (``pip install llama-cpp-python``: builds llama.cpp from
 source with the system compiler, 10-20 minutes once; pip caches the wheel;
 prebuilt wheels need a newer glibc than Debian 12's).
 
-    python -m bench.llamacpp prune     # the default method, 30 steps (bench/smollm2.py's batches), saved pruned dirs
+    python -m bench.llamacpp prune     # the default method (bench/smollm2.py's batches; --steps, --batch-size), saved
     python -m bench.llamacpp run       # GGUF f16 / Q8_0 / Q4_K_M of each, measured in llama.cpp -> results/llamacpp.json
     python -m bench.llamacpp report    # markdown table
     python -m bench.llamacpp fidelity  # logits in llama.cpp vs transformers per model and dtype -> results/llamacpp_fidelity.json
@@ -63,7 +63,7 @@ def _threads() -> int:
 
 
 # ---------------------------------------------------------------------------- prune
-def prune(steps: int, seed: int, lr: float) -> None:
+def prune(steps: int, seed: int, lr: float, batch_size: int) -> None:
     """Prune SmolLM2 at each ratio with the default method (as bench/smollm2.py's rows) and save it."""
     import torch
 
@@ -77,16 +77,19 @@ def prune(steps: int, seed: int, lr: float) -> None:
             print(f"{out} exists, skipped")
             continue
         model, tok = load_smollm2()
-        cfg = PruneConfig.from_kwargs(ratio=ratio, steps=steps, seed=seed, lr=lr, progress=False, **METHODS["default"])
+        cfg = PruneConfig.from_kwargs(ratio=ratio, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
+                                      progress=False, **METHODS["default"])
         batches = train_batches(tok, cfg.seq_len, cfg.batch_size, steps * cfg.grad_accum, seed)
         t0 = time.time()
         pruned = loraprune.prune(model, batches, cfg)
         print(f"pruned {ratio:g} in {time.time() - t0:.0f} s: {pruned.config.loraprune['achieved_ratio']:.4f}")
-        loraprune.save_pruned(pruned, out, tokenizer=tok, overwrite=True)
+        loraprune.save_pruned(pruned, out, tokenizer=tok, overwrite=True,
+                              extra_json={"bench_prune.json": {"steps": steps, "batch_size": batch_size, "lr": lr,
+                                                               "seed": seed, "seconds": time.time() - t0}})
 
 
 # ---------------------------------------------------------------------------- files
-def build_files(llama_cpp) -> dict:
+def build_files(llama_cpp, ratios=RATIOS) -> dict:
     """``{label: path}``: dense and pruned, f16 and quantized (skipping files already written)."""
     import torch
 
@@ -96,7 +99,7 @@ def build_files(llama_cpp) -> dict:
 
     WORK.mkdir(parents=True, exist_ok=True)
     files = {}
-    sources = {"dense": None, **{f"pruned {int(r * 100)}%": WORK / f"default@{r:g}" for r in RATIOS}}
+    sources = {"dense": None, **{f"pruned {int(r * 100)}%": WORK / f"default@{r:g}" for r in ratios}}
     for name, src in sources.items():
         f16 = WORK / f"{name.replace(' ', '-').replace('%', '')}-f16.gguf"
         if not f16.is_file():
@@ -177,22 +180,23 @@ def engine_perplexity(llama_cpp, path: Path, rows) -> float:
     return float(np.exp(nll / count))
 
 
-def run(repeats: int, prompt_len: int, gen: int) -> dict:
+def run(repeats: int, prompt_len: int, gen: int, n_windows: int, ratios=RATIOS, out: Path = RESULTS) -> dict:
     llama_cpp = _require_llama_cpp()
     import torch
 
     from loraprune.io import load_pruned
 
-    files = build_files(llama_cpp)
+    files = build_files(llama_cpp, ratios)
     dense, tok = load_smollm2()
-    windows = {k: v for k, v in eval_windows(tok).items() if k in EVAL_NAMES}
+    windows = {k: v[torch.linspace(0, len(v) - 1, n_windows).long()] for k, v in eval_windows(tok).items()
+               if k in EVAL_NAMES}
     prompt = windows["wikitext2@512"][0, :prompt_len].tolist()
     rounds: dict = {key: [] for key in files}
     for _ in range(repeats):
         for key, path in files.items():
             rounds[key].append(speed_round(llama_cpp, path, prompt, gen))
     hf_ppl = {"dense": evaluate(dense, windows)}
-    for r in RATIOS:
+    for r in ratios:
         hf_ppl[f"pruned {int(r * 100)}%"] = evaluate(load_pruned(WORK / f"default@{r:g}", dtype=torch.float32), windows)
     base = rounds[("dense", "f16")]
     base_pp = statistics.median(p for p, _ in base)
@@ -214,15 +218,15 @@ def run(repeats: int, prompt_len: int, gen: int) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
                    f"{_threads()} llama.cpp threads",
         "llama_cpp_python": llama_cpp.__version__,
-        "prune": "default method, 30 steps, lr 1e-3, seed 0 (python -m bench.llamacpp prune)",
+        "prune": {r: json.loads((WORK / f"default@{r:g}" / "bench_prune.json").read_text()) for r in ratios},
         "speed": f"prompt {prompt_len} tokens in one batch, {gen} generated tokens one by one; median of {repeats} "
                  "rounds, all files interleaved in each round",
-        "perplexity": {k: f"{EVALS[k][2]} evenly spaced windows of {EVALS[k][1]} tokens (as bench/smollm2.py)"
-                       for k in windows},
+        "perplexity": {k: f"{n_windows} of bench/smollm2.py's {EVALS[k][2]} evenly spaced windows of "
+                          f"{EVALS[k][1]} tokens" for k in windows},
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -284,8 +288,8 @@ def fidelity(gen: int) -> dict:
     return record
 
 
-def report(record: dict | None = None) -> str:
-    record = record or json.loads(RESULTS.read_text())
+def report(record: dict | None = None, path: Path = RESULTS) -> str:
+    record = record or json.loads(path.read_text())
     names = list(record["rows"][0]["ppl"])
     lines = ["| model | GGUF | MiB | weight tensors | prompt tok/s | gen tok/s | "
              + " | ".join(f"{n} (llama.cpp)" for n in names) + " |",
@@ -307,24 +311,29 @@ def main(argv=None) -> int:
     pr.add_argument("--steps", type=int, default=30)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--lr", type=float, default=1e-3)
+    pr.add_argument("--batch-size", type=int, default=4)
     r = sub.add_parser("run")
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("--prompt", type=int, default=256)
     r.add_argument("--gen", type=int, default=64)
-    sub.add_parser("report")
+    r.add_argument("--windows", type=int, default=16, help="perplexity windows per text (at most 16)")
+    r.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    r.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
+    rp = sub.add_parser("report")
+    rp.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     f = sub.add_parser("fidelity")
     f.add_argument("--gen", type=int, default=32)
     args = p.parse_args(argv)
     if args.cmd == "prune":
-        prune(args.steps, args.seed, args.lr)
+        prune(args.steps, args.seed, args.lr, args.batch_size)
     elif args.cmd == "run":
-        print(report(run(args.repeats, args.prompt, args.gen)))
+        print(report(run(args.repeats, args.prompt, args.gen, args.windows, tuple(args.ratios), args.out)))
     elif args.cmd == "fidelity":
         for r in fidelity(args.gen)["rows"]:
             print(f"{r['model']:12s} {r['dtype']:5s} max |diff| {r['max_abs_logit_diff']:.2e}  argmax agrees "
                   f"{r['argmax_agrees']}  greedy identical {r[f'greedy_{args.gen}_identical']}")
     else:
-        print(report())
+        print(report(path=args.out))
     return 0
 
 

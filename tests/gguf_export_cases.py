@@ -83,4 +83,4 @@ def uniform(arch: str, vocab_size: int, **cfg):
 
 def logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
-        return model(torch.as_tensor([ids])).logits[0].float()
+        return model(torch.as_tensor([ids])).logits[0]
