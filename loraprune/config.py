@@ -73,7 +73,10 @@ class PruneConfig:
     ranking: str = _opt("adaptive", "'layer': every layer removes the same share (uniform model); 'global': rank KV "
                                  "groups and channels across layers; 'adaptive': one ranking of all groups by score "
                                  "per parameter across layers and between attention and MLP (per-layer model)", choices=RANKINGS)
-    round_to: int = _opt(1, "keep a multiple of this many MLP channels per layer (8/64/128 for tensor cores)")
+    round_to: int = _opt(1, "keep a multiple of this many MLP channels per layer, with every ranking ('adaptive' "
+                            "and 'global' remove whole blocks of round_to channels, scored by the sum of theirs, and "
+                            "keep at least one per layer): 32 fits llama.cpp's quantization blocks, 256 its k-quants, "
+                            "8/64/128 tensor cores")
     uniform: bool = _opt(False, "the same widths in every layer (a stock config that plain from_pretrained reloads); "
                                 "implies ranking='layer'")
     progressive: bool = _opt(True, "cut removed groups out of the computation at every mask update (kept groups "
@@ -168,8 +171,6 @@ class PruneConfig:
             raise ConfigError("resume=True needs checkpoint_dir=<the directory of the interrupted run>")
         if self.uniform and (self.skip_layers or self.ranking != "layer"):
             raise ConfigError("uniform=True needs every layer pruned alike: drop skip_layers and use ranking='layer'")
-        if self.ranking != "layer" and self.round_to > 1:
-            raise ConfigError("round_to applies per layer: use ranking='layer' with round_to > 1")
         return self
 
     # ---- construction -----------------------------------------------------------

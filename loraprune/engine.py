@@ -28,7 +28,7 @@ from .config import RUN_DEFINING, PruneConfig
 from .criterion import Importance, make_importance
 from .errors import ConfigError, LoRAPruneError
 from .groups import build_layer_groups, layer_projection_params, removed_params
-from .report import PruneReport
+from .report import PruneReport, whole_model_params
 from .lora import LoRALinear, is_peft_lora_layer, unwrap_peft, wrap_linear
 from .masks import Masks
 from .progressive import reorder_layer, to_original, unpermute_module
@@ -71,8 +71,10 @@ class LoRAPruner:
             raise ConfigError(f"lora_r={cfg.lora_r} is larger than the smallest projection dimension ({smallest}); a "
                               f"rank above it adds nothing: use lora_r <= {smallest}")
         self.total_params = sum(layer_projection_params(self.model, self.spec))
-        self.allocation = allocate(self.layers, cfg.ratio, self.total_params, skip, cfg.round_to)
-        self.state = PruningState(self.layers, self.allocation, ema=cfg.ema, ranking=cfg.ranking, skip=skip)
+        self.model_params = whole_model_params(self.model)  # before LoRA is injected
+        self.allocation = allocate(self.layers, cfg.ratio, self.total_params, skip, cfg.round_to, cfg.ranking)
+        self.state = PruningState(self.layers, self.allocation, ema=cfg.ema, ranking=cfg.ranking, skip=skip,
+                                  round_to=cfg.round_to)
         self.schedule = schedule
         self.settings = {k: v for k, v in cfg.to_dict().items() if k in RUN_DEFINING}
         self.settings["skip_layers"] = sorted(skip)
@@ -242,7 +244,7 @@ class LoRAPruner:
 
     def report(self) -> PruneReport:
         return PruneReport.measure(self.layers, self.state.masks, self.total_params, self.settings,
-                                   target_ratio=self.config.ratio, steps=self.state.step)
+                                   target_ratio=self.config.ratio, steps=self.state.step, model_params=self.model_params)
 
     @torch.no_grad()
     def finalize(self, merge: bool = True) -> nn.Module:
