@@ -171,7 +171,8 @@ def train_batches(tokenizer, seq_len: int, batch_size: int, n: int, seed: int) -
     return [{"input_ids": rows[idx[i:i + batch_size]]} for i in range(0, need, batch_size)]
 
 
-def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: Path) -> dict:
+def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: Path,
+            evals=DEFAULT_EVALS) -> dict:
     """One pruning run in this process; writes and returns its record."""
     import torch
 
@@ -185,7 +186,7 @@ def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: 
 
     cfg = PruneConfig.from_kwargs(ratio=ratio, steps=steps, seed=seed, progress=False, **overrides)
     batches = train_batches(tok, cfg.seq_len, cfg.batch_size, steps * cfg.grad_accum, seed)
-    windows = eval_windows(tok)
+    windows = eval_windows(tok, evals)
     base_rss = _rss_mib()
     _reset_peak()
     t0 = time.time()
@@ -346,6 +347,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--set", nargs="*", default=[], help="extra PruneConfig overrides, key=value (JSON values)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--evals", nargs="+", default=list(DEFAULT_EVALS), choices=list(EVALS),
+                   help="evaluation sets of the pruned model (run)")
     a = p.parse_args(argv)
     extra = _parse_extra(a.set)
     if a.what == "dense":
@@ -359,7 +362,7 @@ def main(argv=None) -> int:
         return 0
     if a.what == "run":  # one run, in this process (called by 'all' in a fresh process each)
         m, r, s = a.methods[0], a.ratios[0], a.seeds[0]
-        rec = run_one(m, r, a.steps, s, extra, a.out / "runs" / (key(m, r, a.steps, s, extra) + ".json"))
+        rec = run_one(m, r, a.steps, s, extra, a.out / "runs" / (key(m, r, a.steps, s, extra) + ".json"), a.evals)
         print(json.dumps({k: rec[k] for k in ("method", "ratio", "ppl", "peak_extra_mib", "seconds")}))
         return 0
     print(json.dumps(dense(a.out)), flush=True)
@@ -370,7 +373,7 @@ def main(argv=None) -> int:
                 if path.is_file():
                     continue
                 cmd = [sys.executable, "-m", "bench.smollm2", "run", "--methods", m, "--ratios", str(ratio),
-                       "--steps", str(a.steps), "--seeds", str(seed), "--out", str(a.out), "--set", *a.set]
+                       "--steps", str(a.steps), "--seeds", str(seed), "--out", str(a.out), "--evals", *a.evals, "--set", *a.set]
                 print("$", " ".join(cmd), flush=True)
                 res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
                 print(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else f"failed ({res.returncode})",

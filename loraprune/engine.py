@@ -80,6 +80,7 @@ class LoRAPruner:
         self.settings["skip_layers"] = sorted(skip)
         self.importance: Importance = make_importance(cfg)
         self._optimizer = None  # bind_optimizer(): progressive compaction needs it
+        self.scores_final = False  # True from the schedule's end on (step_end): scoring is over
         # physical order of each layer's groups (original indices); identity until cut progressively
         self.attn_order = [torch.arange(lg.n_kv) for lg in self.layers]
         self.mlp_order = [torch.arange(lg.n_channels) for lg in self.layers]
@@ -181,6 +182,8 @@ class LoRAPruner:
         """Fold this step's evidence into the EMA group scores (call after backward,
         after gradient clipping). Returns False if the scores were not finite (the
         step is then left out of the EMA, with a warning)."""
+        if self.scores_final:
+            return True  # the final mask is set (step_end): nothing reads scores any more
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.importance.synchronize(self)  # every rank scores the global batch
         scores = self.importance.scores(self)
@@ -224,13 +227,22 @@ class LoRAPruner:
                 mods[name].set_keep(kept[name][0])
 
     def step_end(self, step: int) -> bool:
-        """Record the completed optimiser step; update masks if the schedule says so."""
+        """Record the completed optimiser step; update masks if the schedule says so.
+
+        From the schedule's end on the mask is final and no score is read again: the criterion
+        is detached (no hooks, no weight gradients) and :meth:`score` does nothing.
+        """
         self.state.step = step
-        if self.schedule is None or not self.schedule.is_update(step):
+        if self.schedule is None:
             return False
-        changed = self.state.update(self.schedule.fraction(step))
-        if changed:
-            self.apply_masks()
+        changed = False
+        if self.schedule.is_update(step):
+            changed = self.state.update(self.schedule.fraction(step))
+            if changed:
+                self.apply_masks()
+        if step >= self.schedule.end and not self.scores_final:
+            self.scores_final = True
+            self.importance.detach(self)
         return changed
 
     def reach_target(self) -> None:
