@@ -225,9 +225,12 @@ def dense(out_dir: Path) -> dict:
     missing = [n for n in DEFAULT_EVALS if n not in rec["ppl"]]
     if not missing:
         return rec
+    from loraprune.groups import layer_projection_params
+
     model, tok = load_smollm2()
     rec["ppl"].update(evaluate(model, eval_windows(tok, missing)))
     rec["params"] = sum(p.numel() for p in model.parameters())  # tied embedding counted once
+    rec["projection_params"] = sum(layer_projection_params(model))
     _write(path, rec)
     return rec
 
@@ -243,14 +246,24 @@ def load_runs(out_dir: Path) -> tuple[dict, dict]:
     groups: dict = {}
     for p in sorted((out_dir / "runs").glob("*.json")):
         r = json.loads(p.read_text())
-        tail = ",".join(f"{k}={v}" for k, v in sorted(r.get("extra", {}).items()))
+        tail = (",".join(f"{k}={v}" for k, v in sorted(r["extra"].items())) if "extra" in r
+                else p.stem.split("-seed", 1)[1].partition(",")[2])  # older runs: the overrides from the key
         groups.setdefault((r["method"], r["ratio"], r["steps"], tail), []).append(r)
     return d, groups
 
 
-def dense_params(out_dir: Path) -> int | None:
-    """Whole-model parameters of the dense model (tied embedding once), if recorded."""
-    return json.loads((out_dir / "dense.json").read_text()).get("params")
+def dense_params(out_dir: Path) -> tuple[int | None, int | None]:
+    """Whole-model and decoder-projection parameters of the dense model (tied embedding once), if recorded."""
+    rec = json.loads((out_dir / "dense.json").read_text())
+    return rec.get("params"), rec.get("projection_params")
+
+
+def model_share(r: dict, total: int | None, proj: int | None) -> float | None:
+    """Removed share of the whole model: from the pruned model's parameter count, or (runs that did not
+    record it) from the projection share, the removed parameters being projection parameters."""
+    if total and "params" in r:
+        return 1 - r["params"] / total
+    return r["achieved_ratio"] * proj / total if total and proj else None
 
 
 def _mean_spread(xs: list[float], fmt: str) -> str:
@@ -266,7 +279,7 @@ def report(out_dir: Path) -> str:
     whole-model parameters (embeddings, head and norms included, a tied embedding once), as papers count.
     """
     d, groups = load_runs(out_dir)
-    total = dense_params(out_dir)
+    total, proj_total = dense_params(out_dir)
     names = [n for n in EVALS if n in d]
     lines = ["| method | overrides | ratio | steps | seeds | " + " | ".join(names)
              + " | removed (proj / model) | peak extra MiB | minutes |",
@@ -284,8 +297,8 @@ def report(out_dir: Path) -> str:
         label = f"{method} (one-shot, no recovery)" if method in ONESHOT else method
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
         proj = sum(r["achieved_ratio"] for r in rs) / len(rs)
-        model = (f"{1 - sum(r['params'] for r in rs) / len(rs) / total:.3f}"
-                 if total and all("params" in r for r in rs) else "-")
+        shares = [model_share(r, total, proj_total) for r in rs]
+        model = f"{sum(shares) / len(shares):.3f}" if None not in shares else "-"
         lines.append(f"| {label} | {tail or '-'} | {ratio:g} | {steps} | {seeds} | "
                      + " | ".join(cell(rs, n) for n in names)
                      + f" | {proj:.3f} / {model}"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import os
 import statistics
 import sys
@@ -165,23 +166,29 @@ def measure(steps: int, start: int, end: int, profile: bool, out: Path) -> dict:
         loraprune.prune(model, batches, ratio=0.5, steps=steps, prune_start=start, prune_end=end, prune_every=1,
                         progress=False, on_step=on_step)
 
+    for t in times:
+        t["profiled"] = t["step"] in prof_steps  # both steps of a profiled pair run under the profiler
+    payload = result_payload(
+        "pruning step / PEFT LoRA step, SmolLM2-135M, 4x128 tokens, r=8, checkpointing on both",
+        {"steps": steps, "prune_start": start, "prune_end": end, "ratio": 0.5, "tokens": [4, 128],
+         "threads": torch.get_num_threads()},
+        {**phases(times, start, end), "per_step": times, "profiles": profiles})
+    write_json(out, payload)
+    return payload
+
+
+def phases(times: list[dict], start: int, end: int) -> dict:
+    """Median ratios before pruning (steps 2..start) and after the final mask (steps > end); profiled
+    steps are left out (the profiler's per-operator overhead is not the same for both kinds of step)."""
     def phase(rows):
         ratios = [r["prune_s"] / r["peft_s"] for r in rows]
         return {"steps": [r["step"] for r in rows], "median_ratio": statistics.median(ratios), "ratios": ratios,
                 "median_prune_s": statistics.median(r["prune_s"] for r in rows),
                 "median_peft_s": statistics.median(r["peft_s"] for r in rows)}
 
-    for t in times:
-        t["profiled"] = t["step"] in prof_steps  # both steps of a profiled pair run under the profiler
-    before = [t for t in times if 2 <= t["step"] <= start]
-    after = [t for t in times if t["step"] > end]
-    payload = result_payload(
-        "pruning step / PEFT LoRA step, SmolLM2-135M, 4x128 tokens, r=8, checkpointing on both",
-        {"steps": steps, "prune_start": start, "prune_end": end, "ratio": 0.5, "tokens": [4, 128],
-         "threads": torch.get_num_threads()},
-        {"before": phase(before), "after": phase(after), "per_step": times, "profiles": profiles})
-    write_json(out, payload)
-    return payload
+    timed = [t for t in times if not t.get("profiled")]
+    return {"before": phase([t for t in timed if 2 <= t["step"] <= start]),
+            "after": phase([t for t in timed if t["step"] > end])}
 
 
 def main(argv=None) -> int:
@@ -191,7 +198,14 @@ def main(argv=None) -> int:
     p.add_argument("--prune-end", type=int, default=6)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "step_cost.json")
+    p.add_argument("--summarize", action="store_true", help="recompute the medians of --out from its steps")
     a = p.parse_args(argv)
+    if a.summarize:
+        res = json.loads(a.out.read_text())
+        res.update(phases(res["per_step"], res["settings"]["prune_start"], res["settings"]["prune_end"]))
+        write_json(a.out, res)
+        print(json.dumps({k: res[k]["median_ratio"] for k in ("before", "after")}))
+        return 0
     res = measure(a.steps, a.prune_start, a.prune_end, a.profile, a.out)
     print(f"before pruning: {res['before']['median_ratio']:.3f}x PEFT; after the final mask: "
           f"{res['after']['median_ratio']:.3f}x PEFT -> {a.out}")
