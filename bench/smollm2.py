@@ -61,11 +61,16 @@ METHODS: dict[str, dict] = {
 #: One-shot baselines without recovery (loraprune.oneshot_prune), calibrated on the same batches
 #: the other methods train on (steps x batch_size x seq_len tokens), layer ranking.
 ONESHOT = ("flap", "wanda-sp")
-EVALS = {  # name -> (file under the data folder, window, number of evenly spaced windows)
+#: Shakespeare's held-out works (data/README.md's fixed split): text the calibration never saw.
+SHAKESPEARE_HELD_OUT = tuple(f"shakespeare/{w}.txt" for w in ("hamlet", "macbeth", "twelfth_night", "sonnets"))
+EVALS = {  # name -> (file(s) under the data folder, window, number of evenly spaced windows)
     "wikitext2@512": ("wikitext-2/test.txt", 512, 16),
     "ptb@512": ("ptb/test.txt", 512, 16),
+    "shakespeare@512": (SHAKESPEARE_HELD_OUT, 512, 16),
     "wikitext2@128": ("wikitext-2/test.txt", 128, 64),
 }
+#: Evaluated when --evals is not given: calibration is WikiText-2 valid, so PTB and Shakespeare are out of domain.
+DEFAULT_EVALS = ("wikitext2@512", "ptb@512", "shakespeare@512")
 RESULTS = Path(__file__).resolve().parent / "results" / "smollm2"
 CACHE = Path(os.environ.get("LORAPRUNE_CACHE", Path.home() / ".cache" / "loraprune")) / "smollm2"
 
@@ -118,14 +123,16 @@ def _data_dir() -> Path:
     return Path(resolve_data_dir())
 
 
-def eval_windows(tokenizer) -> dict:
+def eval_windows(tokenizer, names=DEFAULT_EVALS) -> dict:
     import torch
 
     from loraprune.windows import token_stream
 
     out = {}
-    for name, (rel, window, n) in EVALS.items():
-        stream = token_stream(tokenizer, [str(_data_dir() / rel)])
+    for name in names:
+        rel, window, n = EVALS[name]
+        rels = [rel] if isinstance(rel, str) else list(rel)
+        stream = token_stream(tokenizer, [str(_data_dir() / r) for r in rels])
         total = (len(stream) // window) * window
         starts = torch.linspace(0, total - window, n).long()
         out[name] = torch.stack([stream[s:s + window] for s in starts.tolist()])
@@ -164,7 +171,8 @@ def train_batches(tokenizer, seq_len: int, batch_size: int, n: int, seed: int) -
     return [{"input_ids": rows[idx[i:i + batch_size]]} for i in range(0, need, batch_size)]
 
 
-def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: Path) -> dict:
+def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: Path,
+            evals=DEFAULT_EVALS) -> dict:
     """One pruning run in this process; writes and returns its record."""
     import torch
 
@@ -178,7 +186,7 @@ def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: 
 
     cfg = PruneConfig.from_kwargs(ratio=ratio, steps=steps, seed=seed, progress=False, **overrides)
     batches = train_batches(tok, cfg.seq_len, cfg.batch_size, steps * cfg.grad_accum, seed)
-    windows = eval_windows(tok)
+    windows = eval_windows(tok, evals)
     base_rss = _rss_mib()
     _reset_peak()
     t0 = time.time()
@@ -195,7 +203,8 @@ def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: 
         "config": rep["settings"] if method in ONESHOT else cfg.to_dict(),
         "achieved_ratio": rep["achieved_ratio"], "seconds": seconds,
         "peak_extra_mib": peak - base_rss, "model_rss_mib": base_rss,
-        "ppl": evaluate(pruned, windows),
+        "ppl": evaluate(pruned, windows), "extra": extra,
+        "params": sum(p.numel() for p in pruned.parameters()),  # whole model, tied embedding once
         "widths": [(w["num_key_value_heads"], w["intermediate_size"]) for w in rep["layers"]],
         "tokens": steps * cfg.grad_accum * cfg.batch_size * cfg.seq_len,
     }
@@ -212,11 +221,16 @@ def _write(path: Path, rec: dict) -> None:
 
 def dense(out_dir: Path) -> dict:
     path = out_dir / "dense.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    rec = json.loads(path.read_text()) if path.is_file() else {"method": "dense", "ppl": {}}
+    missing = [n for n in DEFAULT_EVALS if n not in rec["ppl"]]
+    if not missing:
+        return rec
+    from loraprune.groups import layer_projection_params
+
     model, tok = load_smollm2()
-    rec = {"method": "dense", "ppl": evaluate(model, eval_windows(tok)),
-           "params": sum(p.numel() for p in model.parameters())}
+    rec["ppl"].update(evaluate(model, eval_windows(tok, missing)))
+    rec["params"] = sum(p.numel() for p in model.parameters())  # tied embedding counted once
+    rec["projection_params"] = sum(layer_projection_params(model))
     _write(path, rec)
     return rec
 
@@ -227,13 +241,29 @@ def key(method: str, ratio: float, steps: int, seed: int, extra: dict) -> str:
 
 
 def load_runs(out_dir: Path) -> tuple[dict, dict]:
-    """``(dense ppl, {(method, ratio, steps): [run records, one per seed]})``."""
+    """``(dense ppl, {(method, ratio, steps, overrides): [run records, one per seed]})``."""
     d = json.loads((out_dir / "dense.json").read_text())["ppl"]
     groups: dict = {}
     for p in sorted((out_dir / "runs").glob("*.json")):
         r = json.loads(p.read_text())
-        groups.setdefault((r["method"], r["ratio"], r["steps"]), []).append(r)
+        tail = (",".join(f"{k}={v}" for k, v in sorted(r["extra"].items())) if "extra" in r
+                else p.stem.split("-seed", 1)[1].partition(",")[2])  # older runs: the overrides from the key
+        groups.setdefault((r["method"], r["ratio"], r["steps"], tail), []).append(r)
     return d, groups
+
+
+def dense_params(out_dir: Path) -> tuple[int | None, int | None]:
+    """Whole-model and decoder-projection parameters of the dense model (tied embedding once), if recorded."""
+    rec = json.loads((out_dir / "dense.json").read_text())
+    return rec.get("params"), rec.get("projection_params")
+
+
+def model_share(r: dict, total: int | None, proj: int | None) -> float | None:
+    """Removed share of the whole model: from the pruned model's parameter count, or (runs that did not
+    record it) from the projection share, the removed parameters being projection parameters."""
+    if total and "params" in r:
+        return 1 - r["params"] / total
+    return r["achieved_ratio"] * proj / total if total and proj else None
 
 
 def _mean_spread(xs: list[float], fmt: str) -> str:
@@ -243,19 +273,35 @@ def _mean_spread(xs: list[float], fmt: str) -> str:
 
 
 def report(out_dir: Path) -> str:
-    """Markdown table: one row per method and ratio, mean (± half range) over the seeds run."""
+    """Markdown table: one row per method, ratio, steps and overrides, mean (± half range) over the seeds run.
+
+    *removed (proj / model)*: the share of decoder-projection parameters removed (the ``ratio`` target) and of
+    whole-model parameters (embeddings, head and norms included, a tied embedding once), as papers count.
+    """
     d, groups = load_runs(out_dir)
-    names = list(EVALS)
-    lines = ["| method | ratio | seeds | " + " | ".join(names) + " | reached | peak extra MiB | minutes |",
-             "|---|---|---|" + "---|" * (len(names) + 3),
-             "| dense | 0 | - | " + " | ".join(f"{d[n]:.2f}" for n in names) + " | 0 | - | - |"]
-    for (method, ratio, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+    total, proj_total = dense_params(out_dir)
+    names = [n for n in EVALS if n in d]
+    lines = ["| method | overrides | ratio | steps | seeds | " + " | ".join(names)
+             + " | removed (proj / model) | peak extra MiB | minutes |",
+             "|---|---|---|---|---|" + "---|" * (len(names) + 3),
+             "| dense | - | 0 | - | - | " + " | ".join(f"{d[n]:.2f}" for n in names) + " | 0 / 0 | - | - |"]
+
+    def cell(rs, n):
+        if any(n not in r["ppl"] for r in rs):
+            return "-"
+        return (f"{_mean_spread([r['ppl'][n] for r in rs], '.2f')} "
+                f"({_mean_spread([r['ppl'][n] / d[n] for r in rs], '.2f')}×)")
+
+    for (method, ratio, steps, tail), rs in sorted(groups.items(),
+                                                   key=lambda kv: (kv[0][1], kv[0][2], kv[0][0], kv[0][3])):
         label = f"{method} (one-shot, no recovery)" if method in ONESHOT else method
-        cells = [f"{_mean_spread([r['ppl'][n] for r in rs], '.2f')} "
-                 f"({_mean_spread([r['ppl'][n] / d[n] for r in rs], '.2f')}×)" for n in names]
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
-        lines.append(f"| {label} | {ratio:g} | {seeds} | " + " | ".join(cells)
-                     + f" | {sum(r['achieved_ratio'] for r in rs) / len(rs):.4f}"
+        proj = sum(r["achieved_ratio"] for r in rs) / len(rs)
+        shares = [model_share(r, total, proj_total) for r in rs]
+        model = f"{sum(shares) / len(shares):.3f}" if None not in shares else "-"
+        lines.append(f"| {label} | {tail or '-'} | {ratio:g} | {steps} | {seeds} | "
+                     + " | ".join(cell(rs, n) for n in names)
+                     + f" | {proj:.3f} / {model}"
                      + f" | {max(r['peak_extra_mib'] for r in rs):.0f}"
                      + f" | {_mean_spread([r['seconds'] / 60 for r in rs], '.1f')} |")
     return "\n".join(lines)
@@ -270,7 +316,7 @@ def plot(out_dir: Path, eval_name: str = "wikitext2@512") -> Path:
 
     d, groups = load_runs(out_dir)
     by_method: dict = {}
-    for (method, ratio, _), rs in groups.items():
+    for (method, ratio, _, _), rs in groups.items():
         ys = [r["ppl"][eval_name] / d[eval_name] for r in rs]
         by_method.setdefault(method, []).append((ratio, sum(ys) / len(ys), min(ys), max(ys)))
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -314,6 +360,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--set", nargs="*", default=[], help="extra PruneConfig overrides, key=value (JSON values)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--evals", nargs="+", default=list(DEFAULT_EVALS), choices=list(EVALS),
+                   help="evaluation sets of the pruned model (run)")
     a = p.parse_args(argv)
     extra = _parse_extra(a.set)
     if a.what == "dense":
@@ -327,7 +375,7 @@ def main(argv=None) -> int:
         return 0
     if a.what == "run":  # one run, in this process (called by 'all' in a fresh process each)
         m, r, s = a.methods[0], a.ratios[0], a.seeds[0]
-        rec = run_one(m, r, a.steps, s, extra, a.out / "runs" / (key(m, r, a.steps, s, extra) + ".json"))
+        rec = run_one(m, r, a.steps, s, extra, a.out / "runs" / (key(m, r, a.steps, s, extra) + ".json"), a.evals)
         print(json.dumps({k: rec[k] for k in ("method", "ratio", "ppl", "peak_extra_mib", "seconds")}))
         return 0
     print(json.dumps(dense(a.out)), flush=True)
@@ -338,7 +386,7 @@ def main(argv=None) -> int:
                 if path.is_file():
                     continue
                 cmd = [sys.executable, "-m", "bench.smollm2", "run", "--methods", m, "--ratios", str(ratio),
-                       "--steps", str(a.steps), "--seeds", str(seed), "--out", str(a.out), "--set", *a.set]
+                       "--steps", str(a.steps), "--seeds", str(seed), "--out", str(a.out), "--evals", *a.evals, "--set", *a.set]
                 print("$", " ".join(cmd), flush=True)
                 res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
                 print(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else f"failed ({res.returncode})",

@@ -61,8 +61,14 @@ def allocate(
     total_params: int,
     skip: set[int] = frozenset(),
     round_to: int = 1,
+    ranking: str = "layer",
 ) -> Allocation:
-    """Final per-layer removal counts (the same in every layer of equal shape)."""
+    """Final per-layer removal counts (the same in every layer of equal shape).
+
+    ``round_to`` rounds each layer's kept MLP width here only for ``ranking='layer'``; the
+    other rankings keep the exact total and round by removing whole blocks
+    (:meth:`loraprune.state.PruningState.mlp_blocks`).
+    """
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1) — the fraction of decoder-projection parameters to remove; got {ratio}")
     if round_to < 1:
@@ -90,12 +96,12 @@ def allocate(
         a = min(int(round(local * lg.n_kv)), lg.n_kv - 1)
         want = local * lg.params - a * lg.attn_cost
         m = min(max(int(round(want / lg.mlp_cost)), 0), lg.n_channels - 1)
-        kept = _round_kept(lg.n_channels - m, lg.n_channels, round_to)
+        kept = _round_kept(lg.n_channels - m, lg.n_channels, round_to if ranking == "layer" else 1)
         attn_remove.append(a)
         mlp_remove.append(lg.n_channels - kept)
     out = Allocation(attn_remove, mlp_remove, total_params, ratio)
     achieved = out.achieved_ratio(layers)
-    if round_to == 1 and achieved < ratio - 0.01:
+    if (round_to == 1 or ranking != "layer") and achieved < ratio - 0.01:
         most = sum((lg.n_kv - 1) * lg.attn_cost + (lg.n_channels - 1) * lg.mlp_cost for lg in prunable) / total_params
         raise ConfigError(
             f"ratio={ratio} cannot be reached: every layer keeps at least one KV group and one MLP channel, so at most "

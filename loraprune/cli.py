@@ -194,8 +194,10 @@ def cmd_inspect(args) -> int:
                              f"{'uniform' if info['uniform'] else 'per-layer widths'})"))
     lines = [f"total parameters: {info['total_params']:,} (outside decoder layers: {info['other_params']:,})"]
     if info["achieved_ratio"] is not None:
-        lines.append(f"pruned: {info['achieved_ratio']:.2%} of decoder-projection parameters removed "
-                     f"(original widths {info['original']})")
+        whole = info.get("achieved_ratio_model")
+        lines.append(f"pruned: {info['achieved_ratio']:.2%} of decoder-projection parameters removed"
+                     + (f", {whole:.2%} of all parameters" if whole is not None else "")
+                     + f" (original widths {info['original']})")
     elif not info["pruned_by_loraprune"]:
         lines.append("not pruned by loraprune (config.json has no loraprune block)")
     print("\n".join(lines))

@@ -335,7 +335,8 @@ def print_summary(args, cfg: PruneConfig, result, report: dict, dense_layers: li
     summary = [
         ["decoder projections", f"{report['projection_params_before']:,} -> {report['projection_params_after']:,} "
                                 f"({result.achieved_ratio:.2%} removed, target {cfg.ratio:.2%})"],
-        ["all parameters", f"{report['params_before']:,} -> {report['params_after']:,}"],
+        ["all parameters", f"{report['params_before']:,} -> {report['params_after']:,} "
+                           f"({1 - report['params_after'] / report['params_before']:.2%} removed)"],
         ["steps / time", f"{result.steps} steps in {report['seconds']:.1f} s"],
         ["device / dtype", f"{report['device']} / {report['dtype']}"
                            + (" / gradient checkpointing" if cfg.gradient_checkpointing else "")],

@@ -34,7 +34,7 @@ from .groups import build_layer_groups, layer_projection_params, removed_params
 from .lora import LoRALinear, is_peft_lora_layer, unwrap_peft, wrap_linear
 from .masks import Masks
 from .progressive import reorder_layer, to_original, unpermute_module
-from .report import PruneReport
+from .report import PruneReport, whole_model_params
 from .schedule import CubicSchedule
 from .state import PruningState
 
@@ -71,8 +71,10 @@ class LoRAPruner:
             raise ConfigError(f"lora_r={cfg.lora_r} is larger than the smallest projection dimension ({smallest}); a "
                               f"rank above it adds nothing: use lora_r <= {smallest}")
         self.total_params = sum(layer_projection_params(self.model, self.spec))
-        self.allocation = allocate(self.layers, cfg.ratio, self.total_params, skip, cfg.round_to)
-        self.state = PruningState(self.layers, self.allocation, ema=cfg.ema, ranking=cfg.ranking, skip=skip)
+        self.model_params = whole_model_params(self.model)  # before LoRA is injected
+        self.allocation = allocate(self.layers, cfg.ratio, self.total_params, skip, cfg.round_to, cfg.ranking)
+        self.state = PruningState(self.layers, self.allocation, ema=cfg.ema, ranking=cfg.ranking, skip=skip,
+                                  round_to=cfg.round_to)
         self.schedule = schedule
         self.settings = {k: v for k, v in cfg.to_dict().items() if k in RUN_DEFINING}
         self.settings["skip_layers"] = sorted(skip)
@@ -82,6 +84,7 @@ class LoRAPruner:
         self.skipped_steps = 0
         self._finalized = False  # finalize() cuts the model once; restore() cannot undo that
         self._warned_no_schedule = False
+        self.scores_final = False  # True from the schedule's end on (step_end): scoring is over
         # physical order of each layer's groups (original indices); identity until cut progressively
         self.attn_order = [torch.arange(lg.n_kv) for lg in self.layers]
         self.mlp_order = [torch.arange(lg.n_channels) for lg in self.layers]
@@ -197,6 +200,8 @@ class LoRAPruner:
         """Fold this step's evidence into the EMA group scores (call after backward,
         after gradient clipping). Returns False if the scores were not finite (the
         step is then left out of the EMA, with a warning)."""
+        if self.scores_final:
+            return True  # the final mask is set (step_end): nothing reads scores any more
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.importance.synchronize(self)  # every rank scores the global batch
         scores = self.importance.scores(self)
@@ -270,6 +275,9 @@ class LoRAPruner:
     def step_end(self, step: int) -> bool:
         """Record the completed optimiser step; update masks if the schedule says so.
 
+        From the schedule's end on the mask is final and no score is read again: the criterion
+        is detached (no hooks, no weight gradients) and :meth:`score` does nothing.
+
         Without a schedule (a hand-written loop that gave none) the masks stay full
         during training and all the pruning happens in :meth:`finalize`, with no
         recovery steps after it; that is warned once. Give one with
@@ -281,11 +289,16 @@ class LoRAPruner:
                           "happens in finalize(), with no recovery after it. Pass schedule=CubicSchedule.for_run("
                           "steps, config.prune_start, config.prune_end) to prune during training", UserWarning,
                           stacklevel=2)
-        if self.schedule is None or not self.schedule.is_update(step):
+        if self.schedule is None:
             return False
-        changed = self.state.update(self.schedule.fraction(step))
-        if changed:
-            self.apply_masks()
+        changed = False
+        if self.schedule.is_update(step):
+            changed = self.state.update(self.schedule.fraction(step))
+            if changed:
+                self.apply_masks()
+        if step >= self.schedule.end and not self.scores_final:
+            self.scores_final = True
+            self.importance.detach(self)
         return changed
 
     def reach_target(self) -> None:
@@ -299,7 +312,7 @@ class LoRAPruner:
 
     def report(self) -> PruneReport:
         return PruneReport.measure(self.layers, self.state.masks, self.total_params, self.settings,
-                                   target_ratio=self.config.ratio, steps=self.state.step)
+                                   target_ratio=self.config.ratio, steps=self.state.step, model_params=self.model_params)
 
     @torch.no_grad()
     def finalize(self, merge: bool = True) -> nn.Module:

@@ -562,12 +562,16 @@ def inspect_dir(path) -> dict:
     layers, other = _layer_widths_from_headers(tensors, spec, head_dim)
     _check_widths(path, config, block, layers)
     _check_totals(path, block, tensors, spec)
+    total = other + sum(v["params"] for v in layers.values())
     return {
         "path": str(path), "model_type": config.get("model_type"), "head_dim": head_dim,
         "pruned_by_loraprune": bool(block), "uniform": block.get("uniform", True),
         "achieved_ratio": block.get("achieved_ratio"), "original": block.get("original"),
+        # whole-model share: the removed parameters over the dense total (these weights plus the removed)
+        "achieved_ratio_model": (block["removed_params"] / (total + block["removed_params"])
+                                 if isinstance(block.get("removed_params"), int) else None),
         "layers": [dict(layer=i, **layers[i]) for i in sorted(layers)],
-        "other_params": other, "total_params": other + sum(v["params"] for v in layers.values()),
+        "other_params": other, "total_params": total,
     }
 
 

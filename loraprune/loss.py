@@ -81,28 +81,38 @@ class _HeadLoss(torch.autograd.Function):
             lse = torch.logsumexp(z, dim=-1)
             picked = z.gather(1, tg.clamp_min(0).unsqueeze(1)).squeeze(1)
             total += ce_coef * ((lse - picked) * ok).sum()
-            dz_kd = None
+            dz_kd = soft = None
             if teacher_h is not None:
                 log_p = F.linear(teacher_h[rows], weight, bias).float().div_(t)
                 log_p = log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))  # teacher log-probs
-                log_q = z / t
-                log_q = log_q.sub_(torch.logsumexp(log_q, dim=-1, keepdim=True))  # student log-probs at t
+                if t == 1.0:  # the student's log-probs at t are the LM loss's: z - lse, made once, in z
+                    log_q = z.sub_(lse.unsqueeze(1))
+                else:
+                    log_q = z / t
+                    log_q = log_q.sub_(torch.logsumexp(log_q, dim=-1, keepdim=True))  # student log-probs at t
                 p = log_p.exp()
                 w = kd_rows[rows]
                 total += kd_coef * (log_p.sub_(log_q).mul_(p).sum(-1) * w).sum()  # KL(p || q) per row
                 del log_p
                 if need:  # dKL/dz = (q - p) / t
-                    dz_kd = log_q.exp_().sub_(p).mul_((kd_coef / t) * w.unsqueeze(1))
+                    q = log_q.exp_()
+                    if t == 1.0:  # q is also the LM loss's softmax: (q - p) goes into p's buffer, q is kept
+                        dz_kd, soft = p.neg_().add_(q).mul_((kd_coef / t) * w.unsqueeze(1)), q
+                    else:
+                        dz_kd = q.sub_(p).mul_((kd_coef / t) * w.unsqueeze(1))
+                    del q
                 del p, log_q
             if need:
-                dz = z.sub_(lse.unsqueeze(1)).exp_().mul_((ce_coef * ok).unsqueeze(1))  # softmax minus one-hot
+                if soft is None:
+                    soft = z.sub_(lse.unsqueeze(1)).exp_()
+                dz = soft.mul_((ce_coef * ok).unsqueeze(1))  # softmax minus one-hot
                 hit = ok.nonzero().squeeze(1)
                 dz[hit, tg[hit]] -= ce_coef
                 if dz_kd is not None:
                     dz.add_(dz_kd)
                 grad_h[rows] = dz.to(weight.dtype) @ weight
                 del dz
-            del z, dz_kd  # before the next chunk's logits are made, not after
+            del z, dz_kd, soft  # before the next chunk's logits are made, not after
         ctx.save_for_backward(grad_h)
         return total
 

@@ -52,7 +52,7 @@ from .groups import LayerGroups, build_layer_groups, layer_projection_params, re
 from .io import attach_export
 from .lora import unwrap_peft
 from .masks import Masks
-from .report import PruneReport
+from .report import PruneReport, whole_model_params
 from .state import PruningState
 
 
@@ -181,11 +181,11 @@ def oneshot_plan(model, data, ratio, tokenizer=None, method="flap", calib_batche
     layers = build_layer_groups(model, spec)
     total = sum(layer_projection_params(model, spec))
     skip = resolve_skip(cfg.skip_layers, len(layers))
-    allocation = allocate(layers, cfg.ratio, total, skip, cfg.round_to)
+    allocation = allocate(layers, cfg.ratio, total, skip, cfg.round_to, cfg.ranking)
     torch.manual_seed(cfg.seed)
     batches = make_batches(data, model.config, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
     stats = collect_input_stats(model, itertools.islice(batches, calib_batches), spec)
-    state = PruningState(layers, allocation, ema=0.0, ranking=cfg.ranking, skip=skip)
+    state = PruningState(layers, allocation, ema=0.0, ranking=cfg.ranking, skip=skip, round_to=cfg.round_to)
     state.observe(*group_scores(model, layers, stats, method, spec))
     state.update(1.0)
     return OneShotPlan(state.masks, stats, layers, total, skip, cfg)
@@ -232,6 +232,7 @@ def oneshot_prune(
     plan = oneshot_plan(model, data, ratio, tokenizer, method, calib_batches, seq_len=seq_len, batch_size=batch_size,
                         skip_layers=skip_layers, ranking=ranking, round_to=round_to, seed=seed)
     biases = compensation_biases(model, plan.layers, plan.masks, plan.stats, spec) if bias_compensation else None
+    model_params = whole_model_params(model)
     model = compact(model, plan.masks, spec)
     if biases is not None:
         _apply_biases(model, biases, spec)
@@ -242,7 +243,7 @@ def oneshot_prune(
                     calib_tokens=plan.stats[0][0].count, seq_len=opts.seq_len, batch_size=opts.batch_size,
                     skip_layers=sorted(plan.skip), ranking=opts.ranking, round_to=opts.round_to, seed=opts.seed)
     PruneReport.measure(
-        plan.layers, plan.masks, plan.total_params, settings, target_ratio=opts.ratio, steps=0,
+        plan.layers, plan.masks, plan.total_params, settings, target_ratio=opts.ratio, steps=0, model_params=model_params,
         # counts the biases added for compensation (zeros except o_proj/down_proj)
         achieved_ratio_with_biases=1 - after / plan.total_params,
     ).attach(model.config)

@@ -149,8 +149,8 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
         if use_cache is not None:
             given_config.use_cache = hf_model.config.use_cache = use_cache
     rep = pruned.config.loraprune
-    log.info("loraprune: removed %.2f%% of decoder-projection parameters (target %.2f%%)",
-             100 * rep["achieved_ratio"], 100 * cfg.ratio)
+    log.info("loraprune: removed %.2f%% of decoder-projection parameters (target %.2f%%), %.2f%% of all parameters",
+             100 * rep["achieved_ratio"], 100 * cfg.ratio, 100 * rep["achieved_ratio_model"])
     return pruned
 
 

@@ -23,10 +23,17 @@ class PruneReport:
     uniform: bool = True  # every layer keeps the same widths
     original: dict | None = None  # the widths before pruning
     extra: dict = field(default_factory=dict)  # method-specific keys (achieved_ratio_with_biases, export notes)
+    model_params: int | None = None  # whole-model parameters before pruning (embeddings, head, norms; tied once)
 
     @property
     def achieved_ratio(self) -> float:
+        """Removed share of the decoder-projection parameters (what ``ratio`` asks for)."""
         return self.removed_params / self.projection_params if self.projection_params else 0.0
+
+    @property
+    def achieved_ratio_model(self) -> float | None:
+        """Removed share of all the model's parameters, as papers count (None when not recorded)."""
+        return self.removed_params / self.model_params if self.model_params else None
 
     @property
     def rounding_effect(self) -> float:
@@ -35,34 +42,38 @@ class PruneReport:
 
     @classmethod
     def measure(cls, groups, masks, projection_params: int, settings: dict, target_ratio: float, steps: int = 0,
-                **extra) -> "PruneReport":
+                model_params: int | None = None, **extra) -> "PruneReport":
         """The report of ``masks`` over the :class:`~loraprune.groups.LayerGroups` of the dense model.
 
         ``projection_params``: :func:`~loraprune.groups.layer_projection_params` summed over the
-        dense model (it also counts the o/down biases, which belong to no group).
+        dense model (it also counts the o/down biases, which belong to no group); ``model_params``:
+        :func:`whole_model_params` of the dense model.
         """
         from .groups import removed_params
 
         return cls(settings=dict(settings), projection_params=projection_params,
-                   removed_params=removed_params(groups, masks), target_ratio=target_ratio, steps=steps, extra=extra)
+                   removed_params=removed_params(groups, masks), target_ratio=target_ratio, steps=steps, extra=extra,
+                   model_params=model_params)
 
     # ---- the config.loraprune block ------------------------------------------------------
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out["achieved_ratio"] = self.achieved_ratio
+        out["achieved_ratio_model"] = self.achieved_ratio_model
         out["rounding_effect"] = self.rounding_effect
         out.update(self.extra)
         return out
 
     @classmethod
     def from_dict(cls, block: dict) -> "PruneReport":
-        """Inverse of :meth:`to_dict` (``achieved_ratio``/``rounding_effect`` are recomputed)."""
+        """Inverse of :meth:`to_dict` (``achieved_ratio``, ``achieved_ratio_model``, ``rounding_effect`` are recomputed)."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         missing = sorted(k for k in ("settings", "projection_params", "removed_params", "target_ratio") if k not in block)
         if missing:
             raise KeyError(f"the loraprune block lacks {', '.join(missing)}")
         kwargs = {k: v for k, v in block.items() if k in known}
-        extra = {k: v for k, v in block.items() if k not in known and k not in ("achieved_ratio", "rounding_effect")}
+        derived = ("achieved_ratio", "achieved_ratio_model", "rounding_effect")
+        extra = {k: v for k, v in block.items() if k not in known and k not in derived}
         return cls(**kwargs, extra=extra)
 
     @classmethod
@@ -78,3 +89,9 @@ class PruneReport:
         block.update(report.to_dict())
         config.loraprune = block
         return report
+
+
+def whole_model_params(model) -> int:
+    """All parameters of ``model`` as papers count them: embeddings, head, norms and projections, a tied
+    embedding once, LoRA factors (loraprune's or PEFT's) left out."""
+    return sum(p.numel() for name, p in model.named_parameters() if "lora_A" not in name and "lora_B" not in name)

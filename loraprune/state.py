@@ -23,7 +23,7 @@ from .masks import Masks
 
 class PruningState:
     def __init__(self, layers: list[LayerGroups], allocation: Allocation, ema: float = 0.9, ranking: str = "layer",
-                 skip=frozenset()):
+                 skip=frozenset(), round_to: int = 1):
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
         if ranking not in ("layer", "global", "adaptive"):
@@ -33,6 +33,9 @@ class PruningState:
         self.ema = ema
         self.ranking = ranking
         self.skip = frozenset(skip)  # layers that keep everything, whatever their scores
+        # MLP widths stay multiples of round_to: 'adaptive' and 'global' remove whole blocks of channels
+        # (:meth:`mlp_blocks`); 'layer' gets rounded widths from the allocation
+        self.round_to = int(round_to)
         self.masks = Masks.full(layers)
         self.attn_score = [torch.zeros(lg.n_kv) for lg in layers]
         self.mlp_score = [torch.zeros(lg.n_channels) for lg in layers]
@@ -71,8 +74,51 @@ class PruningState:
             self._adaptive_update(fraction)
         else:
             self._global_update(fraction, self.masks.attn_keep, self.attn_score, self.allocation.attn_remove, self.skip)
-            self._global_update(fraction, self.masks.mlp_keep, self.mlp_score, self.allocation.mlp_remove, self.skip)
+            if self.round_to > 1:
+                self._global_block_update(fraction)
+            else:
+                self._global_update(fraction, self.masks.mlp_keep, self.mlp_score, self.allocation.mlp_remove,
+                                    self.skip)
         return before != (self.masks.kept_kv(), self.masks.kept_channels())
+
+    def mlp_blocks(self, i: int) -> list[torch.Tensor]:
+        """The MLP channels layer ``i`` can still give up, as blocks removed whole, lowest scores first.
+
+        The kept channels sorted by score, cut so that every block removed leaves a multiple of
+        ``round_to`` kept: the first block takes the channels above the next lower multiple (all
+        ``round_to`` of them when the width already is one), the others ``round_to`` each, and the
+        last ``round_to`` channels (the per-layer floor) are never offered. A block's score is the
+        sum of its channels' scores. With ``round_to=1`` every kept channel but one is a block.
+        """
+        r = self.round_to
+        kept = torch.nonzero(self.masks.mlp_keep[i]).flatten()
+        n = kept.numel()
+        if n <= r:
+            return []
+        order = kept[torch.argsort(self.mlp_score[i][kept], stable=True)]
+        first = n - r * ((n - 1) // r)
+        return [order[:first]] + list(order[first:n - r].split(r))
+
+    def _global_block_update(self, fraction: float) -> None:
+        """'global' ranking with ``round_to > 1``: the lowest-scoring MLP blocks across layers (each layer's
+        in score order, at least one block kept per layer), until the schedule's channel count is
+        reached within half a block."""
+        target = int(round(fraction * sum(self.allocation.mlp_remove)))
+        need = target - sum(int((~k).sum()) for k in self.masks.mlp_keep)
+        cands = []  # (block score, layer, position in the layer's block order, channels)
+        for i in range(len(self.layers)):
+            if i not in self.skip:
+                cands += [(float(self.mlp_score[i][b].sum()), i, j, b) for j, b in enumerate(self.mlp_blocks(i))]
+        cands.sort(key=lambda c: (c[0], c[1], c[2]))
+        blocked = set()
+        for _, i, _, block in cands:
+            if need <= 0:
+                break
+            if i in blocked or block.numel() > need + block.numel() / 2:
+                blocked.add(i)  # a layer's later blocks score higher: they wait for this one
+                continue
+            self.masks.mlp_keep[i][block] = False
+            need -= block.numel()
 
     @staticmethod
     def _global_update(fraction, keeps, scores, final_remove, skip=frozenset()) -> None:
@@ -134,7 +180,9 @@ class PruningState:
         cares least: a knapsack, solved greedily. The parameter total follows the
         schedule and lands within half a group of the allocation's total; a
         layer keeps at least one KV group and one channel and stays under its cap
-        (:meth:`_layer_caps`).
+        (:meth:`_layer_caps`). With ``round_to > 1`` the MLP competes in blocks
+        (:meth:`mlp_blocks`: score = the sum of its channels', cost = its channels'),
+        taken in each layer's order, so every width stays a multiple of ``round_to``.
         """
         target = fraction * self.allocation.removed_params(self.layers)
         removed = [(lg.n_kv - int(a.sum())) * lg.attn_cost + (lg.n_channels - int(m.sum())) * lg.mlp_cost
@@ -143,25 +191,37 @@ class PruningState:
         if need <= 0:
             return
         caps = self._layer_caps()
-        cands = []  # (score per parameter, kind, layer, index, cost)
+        blocks = self.round_to > 1
+        cands = []  # (score per parameter, kind, layer, index or block of indices, cost, groups)
         for i, lg in enumerate(self.layers):
             if i in self.skip:
                 continue
-            for kind, keep, score, cost in (("attn", self.masks.attn_keep[i], self.attn_score[i], lg.attn_cost),
-                                            ("mlp", self.masks.mlp_keep[i], self.mlp_score[i], lg.mlp_cost)):
+            units = (("attn", self.masks.attn_keep[i], self.attn_score[i], lg.attn_cost),)
+            if not blocks:
+                units += (("mlp", self.masks.mlp_keep[i], self.mlp_score[i], lg.mlp_cost),)
+            for kind, keep, score, cost in units:
                 idx = torch.nonzero(keep).flatten()
                 for j, v in zip(idx.tolist(), (score[idx] / cost).tolist()):
-                    cands.append((v, kind, i, j, cost))
+                    cands.append((v, kind, i, j, cost, 1))
+            if blocks:
+                for b in self.mlp_blocks(i):
+                    cost = b.numel() * lg.mlp_cost
+                    cands.append((float(self.mlp_score[i][b].sum()) / cost, "mlp", i, b, cost, b.numel()))
         cands.sort(key=lambda c: c[0])
         left = {("attn", i): int(a.sum()) for i, a in enumerate(self.masks.attn_keep)}
         left.update({("mlp", i): int(m.sum()) for i, m in enumerate(self.masks.mlp_keep)})
-        for _, kind, i, j, cost in cands:
+        blocked = set()  # layers whose next MLP block was passed over: their later blocks wait too
+        for _, kind, i, j, cost, size in cands:
             if need <= 0:
                 break
-            if left[(kind, i)] <= 1 or removed[i] + cost > caps[i] or cost > need + cost / 2:
+            if blocks and kind == "mlp" and i in blocked:
+                continue
+            if left[(kind, i)] - size < 1 or removed[i] + cost > caps[i] or cost > need + cost / 2:
+                if blocks and kind == "mlp":
+                    blocked.add(i)
                 continue  # keep one of each per layer; layer cap; no overshoot by more than half a group
             (self.masks.attn_keep if kind == "attn" else self.masks.mlp_keep)[i][j] = False
-            left[(kind, i)] -= 1
+            left[(kind, i)] -= size
             removed[i] += cost
             need -= cost
 

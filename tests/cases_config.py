@@ -30,8 +30,6 @@ CASES = [
     Case("config-resume-without-dir", _cfg(resume=True), r"resume=True needs checkpoint_dir"),
     Case("config-uniform-with-skips", _cfg(uniform=True, skip_layers=[0]), r"uniform=True needs every layer"),
     Case("config-uniform-with-global", _cfg(uniform=True, ranking="global"), r"uniform=True needs every layer"),
-    Case("config-round-to-adaptive", _cfg(round_to=8), r"round_to applies per layer: use ranking='layer'"),
-    Case("config-global-round-to", _cfg(ranking="global", round_to=8), r"round_to applies per layer"),
     Case("config-unknown-option", lambda p: PruneConfig.from_kwargs(ratoi=0.3), r"did you mean 'ratio'"),
     Case("config-not-a-config", lambda p: PruneConfig.from_kwargs({"ratio": 0.3}), r"must be a loraprune.PruneConfig",
          raises=TypeError),

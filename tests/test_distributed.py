@@ -65,7 +65,7 @@ FSDP2_WORKER = textwrap.dedent(
 def test_fsdp2_two_ranks_match_single_process(tmp_path, criterion, layout):
     meta, (r0, r1) = _run_two_ranks(tmp_path, FSDP2_WORKER, criterion, layout)
     assert meta[0]["disagreements"] == meta[1]["disagreements"] == 0  # equal before the broadcast, too
-    assert meta[0]["observations"] == meta[1]["observations"] == STEPS
+    assert meta[0]["observations"] == meta[1]["observations"] == _scored_steps()
     shared = [k for k in r0 if not k.startswith("final.")]
     assert set(shared) == set(r1)
     for k in shared:  # masks, EMA scores, LoRA factors: bit-identical on both ranks
@@ -148,7 +148,7 @@ def test_deepspeed_zero_two_ranks_match_single_process(tmp_path, stage):
     pytest.importorskip("deepspeed")
     meta, (r0, r1) = _run_two_ranks(tmp_path, DEEPSPEED_WORKER, str(stage))
     assert meta[0]["disagreements"] == meta[1]["disagreements"] == 0
-    assert meta[0]["observations"] == meta[1]["observations"] == STEPS
+    assert meta[0]["observations"] == meta[1]["observations"] == _scored_steps()
     shared = [k for k in r0 if not k.startswith("final.")]
     for k in shared:
         assert torch.equal(r0[k], r1[k]), k
@@ -185,3 +185,13 @@ def test_deepspeed_refuses_criteria_that_read_parameter_gradients():
     ok = LoRAPruneCallback(LoRAPruner(tiny_model(), ratio=0.5))  # fisher: activations only
     ok.on_train_begin(args, state, None)
     assert ok._deepspeed
+
+
+
+def _scored_steps() -> int:
+    """Steps whose scores are observed: up to the schedule's end (the final mask), not during recovery."""
+    from loraprune.config import PruneConfig
+    from loraprune.schedule import CubicSchedule
+
+    cfg = PruneConfig()
+    return CubicSchedule.for_run(STEPS, cfg.prune_start, cfg.prune_end).end

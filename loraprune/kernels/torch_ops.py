@@ -42,12 +42,13 @@ def dropout_keep_mask_torch(shape, p: float, seed: int, device) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=torch.float32).bernoulli_(1.0 - p, generator=gen).bool()
 
 
-def _dropped(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """drop(x) in fp32 (inverted dropout); x itself when p == 0."""
+def _dropped(x2d: torch.Tensor, p: float, seed: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """drop(x) in fp32 (inverted dropout); x itself when p == 0. ``mask``: the seed's mask, if already drawn."""
     xf = x2d.float()
     if p <= 0:
         return xf
-    mask = dropout_keep_mask_torch(x2d.shape, p, seed, x2d.device)
+    if mask is None:
+        mask = dropout_keep_mask_torch(x2d.shape, p, seed, x2d.device)
     return xf.mul(mask).mul_(1.0 / (1.0 - p))
 
 
@@ -89,6 +90,7 @@ def lora_linear_backward_torch(g2d, x2d, weight, lora_A, lora_B, xa, keep, scali
         b_k = lora_B.index_select(0, keep)
     gf = g_k.float()
     dx = dA = dB = None
+    keep_mask = dropout_keep_mask_torch(x2d.shape, p, seed, x2d.device) if p > 0 and (need_dA or need_dx) else None
     dxa = (gf @ b_k.float()).mul_(float(scaling)) if (need_dx or need_dA) else None
     if need_dB:
         db_k = (gf.t() @ xa).mul_(float(scaling)).to(lora_B.dtype)
@@ -98,12 +100,11 @@ def lora_linear_backward_torch(g2d, x2d, weight, lora_A, lora_B, xa, keep, scali
             dB = torch.zeros_like(lora_B, memory_format=torch.contiguous_format)
             dB.index_copy_(0, keep, db_k)
     if need_dA:
-        dA = (dxa.t() @ _dropped(x2d, p, seed)).to(lora_A.dtype)
+        dA = (dxa.t() @ _dropped(x2d, p, seed, keep_mask)).to(lora_A.dtype)
     if need_dx:
         low_rank = dxa @ lora_A.float()
         if p > 0:
-            mask = dropout_keep_mask_torch(x2d.shape, p, seed, x2d.device)
-            low_rank.mul_(mask).mul_(1.0 / (1.0 - p))
+            low_rank.mul_(keep_mask).mul_(1.0 / (1.0 - p))
         main = g_k @ w_k.to(g_k.dtype)
         dx = (main.float() + low_rank).to(x2d.dtype)
     return dx, dA, dB

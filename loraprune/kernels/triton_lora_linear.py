@@ -39,13 +39,13 @@ from .triton_common import (
     INTERPRETING,
     dropout_keep_mask,
     lora_dot_precision,
-    on_tensor_device,
     main_dot_precision,
+    on_tensor_device,
     rank_block,
-    up_dot_precision,
     rank_chunk,
     split_launch_options,
     tile_config,
+    up_dot_precision,
 )
 
 
