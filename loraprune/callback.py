@@ -158,9 +158,12 @@ class LoRAPruneCallback(TrainerCallback):
         return self.pruner.skipped_steps
 
     # ---- helpers for users ----------------------------------------------------------
-    def optimizer(self, lr: float = 2e-4, weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
-        """AdamW over the LoRA factors only (pass as ``Trainer(optimizers=(opt, None))``)."""
-        return torch.optim.AdamW(self.pruner.lora_parameters(), lr=lr, weight_decay=weight_decay, **kwargs)
+    def optimizer(self, lr: float | None = None, weight_decay: float | None = None, **kwargs) -> torch.optim.Optimizer:
+        """AdamW over the LoRA factors only (pass as ``Trainer(optimizers=(opt, None))``); ``lr`` and
+        ``weight_decay`` default to the pruner's :class:`~loraprune.config.PruneConfig` values."""
+        cfg = self.pruner.config
+        return torch.optim.AdamW(self.pruner.lora_parameters(), lr=cfg.lr if lr is None else lr,
+                                 weight_decay=cfg.weight_decay if weight_decay is None else weight_decay, **kwargs)
 
     def finalize(self):
         """Reach the target masks, cut the pruned groups, merge LoRA: the small model (call after ``train()``)."""

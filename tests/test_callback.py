@@ -319,3 +319,12 @@ def test_mask_broadcast_overrides_a_diverging_rank(tmp_path):
     assert r0.keys() == r1.keys()
     for k in r0:  # masks and the applied row indices follow rank 0
         assert torch.equal(r0[k], r1[k]), k
+
+
+def test_optimizer_defaults_come_from_the_pruners_config():
+    pruner = LoRAPruner(tiny_model(), ratio=0.3, lr=3e-3, weight_decay=0.01)
+    cb = LoRAPruneCallback(pruner)
+    group = cb.optimizer().param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (3e-3, 0.01)
+    assert {id(p) for p in group["params"]} == {id(p) for p in pruner.lora_parameters()}
+    assert cb.optimizer(lr=1e-4, weight_decay=0.0).param_groups[0]["lr"] == 1e-4
