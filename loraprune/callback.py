@@ -111,7 +111,7 @@ class LoRAPruneCallback(TrainerCallback):
         pruner = LoRAPruner(model, ratio=0.5)
         callback = LoRAPruneCallback(pruner)
         trainer = Trainer(model=pruner.model, args=args, train_dataset=ds, callbacks=[callback],
-                          optimizers=(callback.optimizer(lr=2e-4), None))
+                          optimizers=(callback.optimizer(), None))
         trainer.train()
         small = callback.finalize()          # compacted, LoRA merged
         loraprune.save_pruned(small, "out")  # FSDP2 / ZeRO-3: small is None except on rank 0
@@ -202,7 +202,7 @@ class LoRAPruneCallback(TrainerCallback):
             if extra:
                 raise ConfigError(
                     f"the optimizer also updates {len(extra)} non-LoRA tensors (the frozen weights must stay as they "
-                    "are while they are scored); pass Trainer(..., optimizers=(callback.optimizer(lr), None))"
+                    "are while they are scored); pass Trainer(..., optimizers=(callback.optimizer(), None))"
                 )
         fsdp = _find_fsdp(model)
         if fsdp is not None and not getattr(fsdp, "_use_orig_params", True):
