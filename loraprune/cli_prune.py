@@ -108,13 +108,16 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag(f.name), **kwargs)
 
 
-def config_from_args(args) -> PruneConfig:
-    """The validated :class:`PruneConfig` of the command line; a bad value names its flag."""
+def config_from_args(args, checkpoint_dir: str | None = None) -> PruneConfig:
+    """The validated :class:`PruneConfig` of the command line; a bad value names its flag.
+
+    ``checkpoint_dir``: where the command checkpoints (``loraprune prune``: its --output); None for a
+    command that does not (the demo), where --checkpoint-every is then refused rather than ignored."""
     values = {f.name: getattr(args, f.name) for f in cli_fields()}
     if values.get("checkpoint_every") == 0:
         values["checkpoint_every"] = None  # 0 = no checkpoints (see checkpoints_off); not a PruneConfig value
-    else:
-        values["checkpoint_dir"] = str(args.output)  # where the CLI checkpoints (see cmd_prune)
+    elif checkpoint_dir is not None:
+        values["checkpoint_dir"] = checkpoint_dir  # where the CLI checkpoints (see cmd_prune)
     try:
         return PruneConfig(**values)
     except ConfigError as err:
@@ -256,7 +259,7 @@ def cmd_prune(args) -> int:
     from .recompute import resolve as resolve_checkpointing
     from .report import PruneReport
 
-    cfg = config_from_args(args)  # every option checked before anything is loaded
+    cfg = config_from_args(args, checkpoint_dir=str(args.output))  # every option checked before anything is loaded
     if args.force_resume and not args.resume:
         raise CLIError("--force-resume only applies with --resume")
     if args.resume and checkpoints_off(args):

@@ -218,7 +218,7 @@ def test_option_values_reach_the_config(work, tmp_path):
     args = cli.build_parser().parse_args(prune_argv(work, tmp_path / "o", "--skip-layers", "0,1", "--prune-start",
                                                    "1", "--prune-end", "0.5", "--normalize", "none", "--square",
                                                    "--max-grad-norm", "none", "--lr-schedule", "cosine"))
-    cfg = cli_prune.config_from_args(args)
+    cfg = cli_prune.config_from_args(args, checkpoint_dir=str(tmp_path / "o"))
     assert cfg == PruneConfig(steps=4, seq_len=16, batch_size=2, skip_layers=[0, 1], prune_start=1, prune_end=0.5,
                               normalize=None, square=True, max_grad_norm=None, lr_schedule="cosine",
                               checkpoint_dir=str(tmp_path / "o"))

@@ -6,6 +6,7 @@ import torch
 
 import loraprune
 from loraprune import demo
+from loraprune.cli_inputs import CLIError
 from tiny import tiny_model
 
 
@@ -54,3 +55,12 @@ def test_demo_on_a_local_model_saves_what_it_reports(tmp_path, data_dir):
     x = torch.randint(0, len(tok), (1, 8))
     with torch.no_grad():
         assert torch.isfinite(again(x).logits).all()
+
+
+def test_demo_checkpoints_nowhere_and_refuses_checkpoint_every_rather_than_ignore_it():
+    args, _, _ = demo.parse(["--model", "reference"])
+    cfg = demo.config_from_args(args)
+    assert cfg.checkpoint_dir is None and cfg.checkpoint_every is None  # nothing written into --output before the save
+    args, _, _ = demo.parse(["--model", "reference", "--checkpoint-every", "5"])
+    with pytest.raises(CLIError, match="checkpoint_every=5 does nothing without checkpoint_dir"):
+        demo.config_from_args(args)
