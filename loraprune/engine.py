@@ -28,7 +28,7 @@ from .archs import arch_for, decoder_layers, get_submodule, layer_projections
 from .compaction import compact
 from .config import RUN_DEFINING, PruneConfig
 from .criterion import Importance, make_importance
-from .distributed import all_ranks, local
+from .distributed import all_ranks, is_sharded, local
 from .errors import ConfigError, LoRAPruneError, NonFiniteLossError
 from .groups import build_layer_groups, layer_projection_params, removed_params
 from .lora import LoRALinear, is_peft_lora_layer, unwrap_peft, wrap_linear
@@ -298,7 +298,8 @@ class LoRAPruner:
                 self.apply_masks()
         if step >= self.schedule.end and not self.scores_final:
             self.scores_final = True
-            self.importance.detach(self)
+            if not is_sharded(self.model):  # FSDP2/ZeRO-3 fixed which parameters need gradients when they
+                self.importance.detach(self)  # sharded them: flipping that mid-run is left to finalize()
         return changed
 
     def reach_target(self) -> None:
