@@ -208,11 +208,12 @@ def cmd_export(args) -> int:
     import torch
 
     from .gguf import is_gguf_file
-    from .gguf_export import save_gguf
+    from .gguf_export import check_gguf_path, save_gguf
     from .io import inspect_dir, load_pruned
 
     check_path_exists("--from", args.source, "the directory of a pruned model")
     check_path_exists("--tokenizer", args.tokenizer, "a tokenizer directory or a .gguf file")
+    check_gguf_path(args.output, args.overwrite)  # before the model loads
     info = inspect_dir(args.source)  # refuses a broken directory before anything loads
     if not info["pruned_by_loraprune"]:
         raise CLIError(f"--from {args.source}: the model was not pruned by loraprune (its config.json has no "

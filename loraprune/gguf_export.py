@@ -101,15 +101,25 @@ def _check_dtype(dtype: str) -> str:
     return name
 
 
-def _check_path(path: Path, overwrite: bool) -> None:
-    from .errors import OutputExistsError
+def check_gguf_path(path, overwrite: bool = False) -> Path:
+    """Refuse, before anything is converted or loaded, a GGUF output path that cannot be written.
 
+    The name must end in ``.gguf``; an existing file needs ``overwrite``; the
+    folder that will hold it is checked as every output directory is
+    (:func:`loraprune.paths.check_output_dir`: not a file, writable).
+    """
+    from .errors import OutputExistsError
+    from .paths import as_path, check_output_dir
+
+    path = as_path(path, "the GGUF path")
     if path.suffix.lower() != ".gguf":
         raise GGUFExportError(f"{path} does not end in .gguf; name the output file like model.gguf")
     if path.is_dir():
         raise OutputExistsError(f"{path} is a directory; pass the path of a .gguf file to write")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; choose another file name or pass overwrite=True (--overwrite)")
+    check_output_dir(path.parent, "the GGUF file's folder")
+    return path
 
 
 def _rope(model: nn.Module, head_dim: int) -> tuple[float, np.ndarray | None]:
@@ -331,8 +341,7 @@ def save_gguf(model: nn.Module, path, tokenizer=None, dtype: str = "f16", *, ove
     from .io import require_merged, require_pruned
 
     dtype = _check_dtype(dtype)
-    path = Path(path).expanduser()
-    _check_path(path, overwrite)
+    path = check_gguf_path(path, overwrite)
     require_pruned(model, "save_gguf")
     require_merged(model)
     return write_gguf(model, path, tokenizer, dtype, overwrite=overwrite)
@@ -347,8 +356,7 @@ def write_gguf(model: nn.Module, path, tokenizer=None, dtype: str = "f16", *, ov
     from .io import atomic_file
 
     dtype = _check_dtype(dtype)
-    path = Path(path).expanduser()
-    _check_path(path, overwrite)
+    path = check_gguf_path(path, overwrite)
     _require_gguf_package()
     import gguf
 

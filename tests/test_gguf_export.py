@@ -184,3 +184,30 @@ def test_cli_export_writes_the_saved_model(tok, tmp_path, capsys):
     tiny_model(vocab_size=len(tok)).save_pretrained(tmp_path / "dense")
     assert main(["export", str(tmp_path / "d.gguf"), "--from", str(tmp_path / "dense")]) == 2
     assert "not pruned by loraprune" in capsys.readouterr().err
+
+
+def test_unwritable_paths_are_refused_before_anything_is_converted(tok, tmp_path, monkeypatch, capsys):
+    import loraprune.gguf_export as ge
+    from loraprune.cli import main
+    from loraprune.errors import OutputPathError
+
+    def no_conversion(*args):
+        raise AssertionError("tensors converted before the path was checked")
+
+    model = uniform("llama", len(tok))
+    (tmp_path / "f").write_text("a file")
+    monkeypatch.setattr(ge, "iter_tensors", no_conversion)
+    with pytest.raises(OutputPathError, match=r"f is a file, not a directory; choose another path"):
+        loraprune.save_gguf(model, tmp_path / "f" / "sub" / "m.gguf", tok)
+    with pytest.raises(TypeError, match="must be a path"):
+        loraprune.save_gguf(model, 3, tok)
+    (tmp_path / "d.gguf").mkdir()
+    with pytest.raises(OutputExistsError, match="is a directory"):
+        loraprune.save_gguf(model, tmp_path / "d.gguf", tok)
+    # the CLI refuses before the model loads
+    loraprune.save_pruned(per_layer_llama(len(tok)), tmp_path / "pruned", tokenizer=tok)
+    monkeypatch.setattr("loraprune.io.load_pruned", lambda *a, **k: pytest.fail("model loaded before the check"))
+    assert main(["export", str(tmp_path / "f" / "m.gguf"), "--from", str(tmp_path / "pruned")]) == 2
+    err = capsys.readouterr().err
+    assert "GGUF file's folder" in err and "is not a directory (a file)" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.gguf", "f", "pruned"]
