@@ -327,9 +327,8 @@ def _kernel_times(fn, iters=5) -> dict:
 
 
 def bench_speed(device) -> list[dict]:
-    from triton.testing import do_bench
-
     import torch.nn.functional as F
+    from triton.testing import do_bench
 
     peak_tf, hbm = _peaks()
     rows = []
@@ -404,7 +403,7 @@ def bench_speed(device) -> list[dict]:
             row["importance_frac_hbm"] = row["importance_GBps"] / hbm
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "kernels_fwd_bwd_keep50_us"}), flush=True)
-        del x, W, gy, xg
+        x = W = gy = xg = None  # free this layer's tensors before the next one's
     return rows
 
 

@@ -42,7 +42,8 @@ def step_or_fraction(text: str) -> float | int:
     try:
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: pass a step number (150) or a fraction of --steps (0.75)")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: pass a step number (150) or a fraction of --steps (0.75)") from None
 
 
 def skip_layers(text: str):
@@ -53,7 +54,8 @@ def skip_layers(text: str):
     try:
         return [int(t) for t in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: pass 'paper', 'none' or comma-separated layer indices like 0,1,31")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: pass 'paper', 'none' or comma-separated layer indices like 0,1,31") from None
 
 
 def _optional(kind):
@@ -64,7 +66,8 @@ def _optional(kind):
         try:
             return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'} or 'none'")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'} or 'none'") from None
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 

@@ -68,7 +68,7 @@ def _set(parent: nn.Module, name: str, module: nn.Module) -> None:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every :class:`LoRALinear` by a plain ``nn.Linear`` with LoRA merged."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 _set(module, child_name, compact_linear(child))

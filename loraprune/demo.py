@@ -103,10 +103,11 @@ def _table(before: dict, after: dict, eval_names: list[str]) -> str:
     rows += [("prefill tokens/s (batch 4)", "prefill_tok_s", "{:,.0f}"),
              ("decode tokens/s (batch 1)", "decode_tok_s", "{:,.1f}")]
     scale = {"weight_bytes": 1e-6}
-    lines = [f"{'':36s} {'dense':>14s} {'pruned':>14s} {'pruned/dense':>13s}"]
+    width = max(36, *(len(label) for label, _, _ in rows))  # long eval names (file paths) widen the column
+    lines = [f"{'':{width}s} {'dense':>14s} {'pruned':>14s} {'pruned/dense':>13s}"]
     for label, key, fmt in rows:
         b, a = before[key] * scale.get(key, 1), after[key] * scale.get(key, 1)
-        lines.append(f"{label:36s} {fmt.format(b):>14s} {fmt.format(a):>14s} {a / b:>13.3f}")
+        lines.append(f"{label:{width}s} {fmt.format(b):>14s} {fmt.format(a):>14s} {a / b:>13.3f}")
     return "\n".join(lines)
 
 

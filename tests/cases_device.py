@@ -1,8 +1,7 @@
 """Bad devices, dtypes and gradient-checkpointing options: refused before any model is loaded."""
+import loraprune
 from bad_input_table import Case
 from cases_io import _eval, _prune
-
-import loraprune
 from loraprune.config import PruneConfig
 from tiny import random_batches, tiny_model
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import loraprune
 from loraprune.kernels import group_importance, lora_linear, merge_gather, triton_interpreting, use_backend
-from loraprune.kernels.reference import REL_TOL, assert_close_rel, lora_linear_ref
+from loraprune.kernels.reference import assert_close_rel, lora_linear_ref
 from tiny import logits, random_batches, tiny_model
 
 BACKENDS = ["torch", "triton"] if triton_interpreting() else ["torch"]

@@ -90,7 +90,7 @@ def test_speed_json(results):
     for mode in ("prefill", "decode"):
         models = sp[mode]["models"]
         assert set(models) == {"dense", "0.2", "0.5"}
-        for name, row in models.items():
+        for row in models.values():
             assert _positive(row["speedup"]) and _positive(row["ideal_speedup"])
         assert models["dense"]["ideal_speedup"] == 1.0
         # fewer parameters must mean fewer FLOPs: the ideal ratio grows with the pruning ratio

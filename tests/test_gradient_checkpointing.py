@@ -115,9 +115,9 @@ def test_failed_run_leaves_checkpointing_off():
 
 @pytest.mark.slow
 def test_trainer_callback_under_gradient_checkpointing_matches_the_hand_loop(tmp_path):
-    from test_callback import BATCH, STEPS, assert_same_run, hand_loop, rows, run_trainer
-
     from transformers import TrainingArguments
+
+    from test_callback import BATCH, STEPS, assert_same_run, hand_loop, rows, run_trainer
 
     data = rows(STEPS * BATCH)
     # transformers 5 renamed the options (the old names still work, with a FutureWarning)

@@ -111,8 +111,10 @@ def test_triton_kernels_drive_the_same_run():
 
 @pytest.mark.slow
 def test_text_data_with_tokenizer():
+    import pathlib
+    import tempfile
+
     from loraprune.reference import train_tokenizer
-    import tempfile, pathlib
 
     text = "the quick brown fox jumps over the lazy dog. " * 200
     with tempfile.TemporaryDirectory() as d:

@@ -10,8 +10,7 @@ import torch
 
 import loraprune
 from loraprune.allocation import allocate
-from loraprune.groups import build_layer_groups
-from loraprune.groups import layer_projection_params
+from loraprune.groups import build_layer_groups, layer_projection_params
 from loraprune.state import PruningState
 from tiny import random_batches, tiny_model
 

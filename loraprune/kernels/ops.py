@@ -127,7 +127,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, dropou
     """
     check_float("x", x)
     check_float("weight", weight)
-    r = check_lora_factors(weight, lora_A, lora_B)
+    check_lora_factors(weight, lora_A, lora_B)
     out_f, in_f = weight.shape
     if x.dim() < 1 or x.shape[-1] != in_f:
         raise ValueError(f"x must have shape (..., in) = (..., {in_f}), got {tuple(x.shape)}")
