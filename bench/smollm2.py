@@ -17,6 +17,7 @@ when re-run (resume after a cut). ``report`` prints the table as markdown.
     python -m bench.smollm2 all --ratios 0.2 0.5 --steps 40
     python -m bench.smollm2 report
     python -m bench.smollm2 plot      # results/smollm2/ppl_vs_ratio.png
+    python -m bench.smollm2 curves --out bench/results/smollm2-sweep   # curves.png: ppl vs steps, vs ratio
 
 ``flap`` / ``wanda-sp`` are the one-shot baselines without recovery
 (:func:`loraprune.oneshot_prune`, calibrated on the same batches the other
@@ -339,6 +340,110 @@ def plot(out_dir: Path, eval_name: str = "wikitext2@512") -> Path:
     return path
 
 
+#: The curves' methods: the default, full-gradient Taylor with the same ranking and distillation, one-shot FLAP.
+CURVE_METHODS = ("default", "grad-adaptive-kd", "flap")
+CURVE_EVALS = ("ptb@512", "shakespeare@512")  # out of domain: calibration is WikiText-2 valid
+
+
+def curve_points(out_dir: Path, evals=CURVE_EVALS) -> dict:
+    """The two curves' points, from runs with no overrides (i.e. ``PruneConfig()`` but ratio and steps).
+
+    ``{"steps": {method: [(steps, {eval: (mean, lo, hi) × dense})]}`` at ratio 0.5, and
+    ``"ratio": {method: [(projection share, whole-model share, {eval: ...})]}`` at 30 steps.
+    """
+    from loraprune import PruneConfig
+
+    defaults = PruneConfig()
+    d, runs = load_runs(out_dir)
+    total, proj_total = dense_params(out_dir)
+    groups: dict = {}  # runs whose overrides all equal today's defaults (e.g. lr=0.002) count as defaults
+    for (method, ratio, steps, _), rs in runs.items():
+        for r in rs:
+            tail = ",".join(f"{k}={v}" for k, v in sorted(r.get("extra", {}).items()) if getattr(defaults, k) != v)
+            groups.setdefault((method, ratio, steps, tail), []).append(r)
+
+    def stats(rs):
+        out = {}
+        for n in evals:
+            ys = [r["ppl"][n] / d[n] for r in rs if n in r["ppl"]]
+            if ys:
+                out[n] = (sum(ys) / len(ys), min(ys), max(ys))
+        return out
+
+    steps_pts: dict = {}
+    ratio_pts: dict = {}
+    for (method, ratio, steps, tail), rs in groups.items():
+        if tail or method not in CURVE_METHODS:
+            continue
+        if ratio == 0.5 and method not in ONESHOT:
+            steps_pts.setdefault(method, []).append((steps, stats(rs)))
+        if steps == 30:
+            proj = sum(r["achieved_ratio"] for r in rs) / len(rs)
+            shares = [model_share(r, total, proj_total) for r in rs]
+            whole = sum(shares) / len(shares) if None not in shares else None
+            ratio_pts.setdefault(method, []).append((proj, whole, stats(rs)))
+    return {"steps": {m: sorted(v) for m, v in steps_pts.items()},
+            "ratio": {m: sorted(v, key=lambda t: t[0]) for m, v in ratio_pts.items()},
+            "proj_over_model": (proj_total / total) if total and proj_total else None}
+
+
+def curves(out_dir: Path, evals=CURVE_EVALS) -> tuple[Path, str]:
+    """``curves.png`` (perplexity / dense against steps at 50 %, and against the removed share at 30 steps,
+    one row per out-of-domain eval) and the same points as a markdown table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = curve_points(out_dir, evals)
+    fig, axes = plt.subplots(len(evals), 2, figsize=(11, 4.2 * len(evals)), squeeze=False)
+    for row, n in enumerate(evals):
+        ax = axes[row][0]
+        for method, ps in sorted(pts["steps"].items()):
+            ps = [(s, st[n]) for s, st in ps if n in st]
+            if ps:
+                xs, ys = [s for s, _ in ps], [v for _, v in ps]
+                ax.errorbar(xs, [y[0] for y in ys], yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]],
+                            marker="o", capsize=3, label=method)
+        ax.set(xscale="log", xlabel="steps (4 x 128 tokens each)", ylabel=f"perplexity / dense ({n})",
+               title=f"50 % of the projections ({n})")
+        ax = axes[row][1]
+        for method, ps in sorted(pts["ratio"].items()):
+            ps = [(w if w is not None else p, st[n]) for p, w, st in ps if n in st]
+            if ps:
+                xs, ys = [0.0] + [x for x, _ in ps], [(1.0, 1.0, 1.0)] + [v for _, v in ps]
+                ax.errorbar(xs, [y[0] for y in ys], yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]],
+                            ls="--" if method in ONESHOT else "-", marker="o", capsize=3,
+                            label=method + (" (one-shot)" if method in ONESHOT else ""))
+        ax.set(yscale="log", xlabel="removed share of all parameters", ylabel=f"perplexity / dense ({n})",
+               title=f"30 steps ({n})")
+        k = pts["proj_over_model"]
+        if k:
+            sec = ax.secondary_xaxis("top", functions=(lambda m, k=k: m / k, lambda p, k=k: p * k))
+            sec.set_xlabel("removed share of decoder-projection parameters (the ratio asked)")
+        for a in axes[row]:
+            a.grid(True, which="both", alpha=0.3)
+            a.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M, PruneConfig() defaults, calibration WikiText-2 valid (mean, min-max over seeds)",
+                 fontsize=10)
+    path = out_dir / "curves.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+    def fmt(st):
+        return " | ".join(f"{st[n][0]:.2f}×" if n in st else "-" for n in evals)
+
+    lines = ["| curve | method | steps | removed (proj / model) | " + " | ".join(evals) + " |",
+             "|---|---|---|---|" + "---|" * len(evals)]
+    for method, ps in sorted(pts["steps"].items()):
+        lines += [f"| steps, 50 % | {method} | {s} | 0.50 / - | {fmt(st)} |" for s, st in ps]
+    for method, ps in sorted(pts["ratio"].items()):
+        lines += [f"| ratio, 30 steps | {method} | 30 | {p:.2f} / {w:.3f} | {fmt(st)} |" if w is not None else
+                  f"| ratio, 30 steps | {method} | 30 | {p:.2f} / - | {fmt(st)} |" for p, w, st in ps]
+    return path, "\n".join(lines)
+
+
 def _parse_extra(items: list[str]) -> dict:
     out = {}
     for item in items or []:
@@ -352,7 +457,7 @@ def _parse_extra(items: list[str]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.smollm2", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["run", "all", "dense", "report", "plot"])
+    p.add_argument("what", choices=["run", "all", "dense", "report", "plot", "curves"])
     p.add_argument("--methods", nargs="+", default=list(METHODS) + list(ONESHOT),
                    choices=list(METHODS) + list(ONESHOT))
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
@@ -372,6 +477,11 @@ def main(argv=None) -> int:
         return 0
     if a.what == "plot":
         print(plot(a.out))
+        return 0
+    if a.what == "curves":
+        path, table = curves(a.out)
+        print(table)
+        print(path)
         return 0
     if a.what == "run":  # one run, in this process (called by 'all' in a fresh process each)
         m, r, s = a.methods[0], a.ratios[0], a.seeds[0]
