@@ -45,7 +45,8 @@ class PruneConfig:
                              "biases included) to remove; the result lands within 1%% (reported as achieved_ratio)")
     steps: int = _opt(200, "LoRA optimiser steps: pruning and recovery happen in the same run")
     lr: float = _opt(2e-3, "AdamW learning rate of the LoRA factors (chosen on SmolLM2 at 50 %%, 30 steps, by "
-                           "out-of-domain perplexity against 2e-4 and 1e-3; not measured at more steps: bench/README.md)")
+                           "out-of-domain perplexity against 2e-4 and 1e-3; at 100 steps it improves further, other lrs "
+                           "were not run there: bench/README.md)")
     lr_schedule: str = _opt("linear", "learning-rate schedule over the run: constant, linear decay to 0, or cosine "
                                         "decay to 0", choices=LR_SCHEDULES)
     lora_r: int = _opt(8, "LoRA rank (ignored for layers that already carry a PEFT adapter: it is continued)")
@@ -74,10 +75,12 @@ class PruneConfig:
     ranking: str = _opt("adaptive", "'layer': every layer removes the same share (uniform model); 'global': rank KV "
                                  "groups and channels across layers; 'adaptive': one ranking of all groups by score "
                                  "per parameter across layers and between attention and MLP (per-layer model)", choices=RANKINGS)
-    round_to: int = _opt(1, "keep a multiple of this many MLP channels per layer, with every ranking ('adaptive' "
-                            "and 'global' remove whole blocks of round_to channels, scored by the sum of theirs, and "
-                            "keep at least one per layer): 32 fits llama.cpp's quantization blocks, 256 its k-quants, "
-                            "8/64/128 tensor cores")
+    round_to: int | None = _opt(None, "keep a multiple of this many MLP channels per layer, with every ranking "
+                                      "('adaptive' and 'global' remove whole blocks of round_to channels, scored by the "
+                                      "sum of theirs, and keep at least one per layer); default (none): 32 where every "
+                                      "MLP width is a multiple of 32 and at least 512 channels (llama.cpp's quantization "
+                                      "block; no measured perplexity cost on SmolLM2), else 1. 256 fits its k-quants, "
+                                      "8/64/128 tensor cores")
     uniform: bool = _opt(False, "the same widths in every layer (a stock config that plain from_pretrained reloads); "
                                 "implies ranking='layer'")
     progressive: bool = _opt(True, "cut removed groups out of the computation at every mask update (kept groups "
@@ -165,7 +168,7 @@ class PruneConfig:
             num(name, 0)
         num("prune_every", 1, integer=True, allow_none=True)
         choice("ranking", RANKINGS)
-        num("round_to", 1, integer=True)
+        num("round_to", 1, integer=True, allow_none=True)
         num("seq_len", 2, integer=True)
         num("batch_size", 1, integer=True)
         num("grad_accum", 1, integer=True)

@@ -23,7 +23,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .allocation import allocate, resolve_skip
+from .allocation import allocate, resolve_round_to, resolve_skip
 from .archs import arch_for, decoder_layers, get_submodule, layer_projections
 from .compaction import compact
 from .config import RUN_DEFINING, PruneConfig
@@ -72,12 +72,14 @@ class LoRAPruner:
                               f"rank above it adds nothing: use lora_r <= {smallest}")
         self.total_params = sum(layer_projection_params(self.model, self.spec))
         self.model_params = whole_model_params(self.model)  # before LoRA is injected
-        self.allocation = allocate(self.layers, cfg.ratio, self.total_params, skip, cfg.round_to, cfg.ranking)
+        round_to = resolve_round_to(cfg.round_to, self.layers)
+        self.allocation = allocate(self.layers, cfg.ratio, self.total_params, skip, round_to, cfg.ranking)
         self.state = PruningState(self.layers, self.allocation, ema=cfg.ema, ranking=cfg.ranking, skip=skip,
-                                  round_to=cfg.round_to)
+                                  round_to=round_to)
         self.schedule = schedule
         self.settings = {k: v for k, v in cfg.to_dict().items() if k in RUN_DEFINING}
         self.settings["skip_layers"] = sorted(skip)
+        self.settings["round_to"] = round_to  # resolved: the report and config.loraprune say what ran
         self.importance: Importance = make_importance(cfg)
         self._optimizer = None  # bind_optimizer(): progressive compaction needs it
         self.bad_in_row = 0  # non-finite steps in a row (skip_step)

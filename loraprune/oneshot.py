@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from .activation_scores import METHODS, InputStats, layer_scores
-from .allocation import allocate, resolve_skip
+from .allocation import allocate, resolve_round_to, resolve_skip
 from .archs import arch_for, decoder_layers, layer_projections
 from .batches import make_batches
 from .compaction import compact
@@ -167,7 +167,7 @@ class OneShotPlan:
 
 @torch.no_grad()
 def oneshot_plan(model, data, ratio, tokenizer=None, method="flap", calib_batches=32, *, seq_len=128, batch_size=4,
-                 skip_layers=None, ranking="layer", round_to=1, seed=0) -> OneShotPlan:
+                 skip_layers=None, ranking="layer", round_to=None, seed=0) -> OneShotPlan:
     """Calibrate on the dense model and choose the groups to keep (the model is not changed)."""
     if method not in METHODS:
         raise ConfigError(f"unknown one-shot method {method!r}; choose one of {', '.join(METHODS)}")
@@ -179,6 +179,7 @@ def oneshot_plan(model, data, ratio, tokenizer=None, method="flap", calib_batche
                       batch_size=batch_size, seed=seed)
     spec = arch_for(model)
     layers = build_layer_groups(model, spec)
+    cfg = cfg.replace(round_to=resolve_round_to(cfg.round_to, layers))
     total = sum(layer_projection_params(model, spec))
     skip = resolve_skip(cfg.skip_layers, len(layers))
     allocation = allocate(layers, cfg.ratio, total, skip, cfg.round_to, cfg.ranking)
@@ -205,7 +206,7 @@ def oneshot_prune(
     bias_compensation: bool | None = None,
     skip_layers=None,
     ranking: str = "layer",
-    round_to: int = 1,
+    round_to: int | None = None,
     seed: int = 0,
 ) -> nn.Module:
     """Prune ``ratio`` of the decoder-projection parameters in one shot, no training.

@@ -97,7 +97,8 @@ class PruningState:
             return []
         order = kept[torch.argsort(self.mlp_score[i][kept], stable=True)]
         first = n - r * ((n - 1) // r)
-        return [order[:first]] + list(order[first:n - r].split(r))
+        rest = order[first:n - r]  # empty when only the first block is left (n <= 2r): split() would give [empty]
+        return [order[:first]] + (list(rest.split(r)) if rest.numel() else [])
 
     def _global_block_update(self, fraction: float) -> None:
         """'global' ranking with ``round_to > 1``: the lowest-scoring MLP blocks across layers (each layer's

@@ -113,3 +113,52 @@ def test_prune_with_round_to_gives_multiples_and_the_ratio(ranking):
     assert [layer.mlp.down_proj.weight.shape[1] for layer in pruned.model.layers] == widths
     if ranking != "layer":  # 'layer' rounds each layer's width alone: its cost shows as rounding_effect
         assert abs(rep["achieved_ratio"] - 0.3) <= 0.01
+
+
+@pytest.mark.parametrize("width,want", [(512, 32), (1536, 32), (11008, 32), (64, 1), (480, 1), (528, 1)])
+def test_the_default_block_is_32_where_every_mlp_has_16_blocks_of_32(width, want):
+    from loraprune.allocation import resolve_round_to
+
+    layers = build_layer_groups(tiny_model(num_hidden_layers=2, intermediate_size=width))
+    assert resolve_round_to(None, layers) == want
+    assert resolve_round_to(1, layers) == 1 and resolve_round_to(64, layers) == 64  # given values are kept
+    assert loraprune.PruneConfig().round_to is None
+
+
+def test_the_default_output_is_quantizable_by_llama_cpp(tmp_path):
+    """Default options on a model whose MLP is 512 wide: every layer keeps a multiple of 32 channels,
+    config.loraprune records the block used, and a Q8_0 GGUF file packs every ffn_down (none left F16)."""
+    gguf = pytest.importorskip("gguf")
+    from gguf_export_cases import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    run = dict(ratio=0.3, steps=3, progress=False, prune_start=0, prune_end=2, prune_every=1)
+    pruned = loraprune.prune(tiny_model(num_hidden_layers=3, intermediate_size=512, vocab_size=len(tok)),
+                             random_batches(vocab=len(tok), n=3), **run)
+    rep = pruned.config.loraprune
+    assert rep["settings"]["round_to"] == 32
+    widths = [layer.mlp.down_proj.weight.shape[1] for layer in pruned.model.layers]
+    assert all(w % 32 == 0 for w in widths) and len(set(widths)) > 1, widths  # per-layer widths, all multiples
+    block = 32 * 3 * pruned.config.hidden_size / rep["projection_params"]
+    # within one block (3 layers: the per-layer caps leave fewer places to land than a real model's 30;
+    # SmolLM2 at 50 % with blocks of 32 lands at 0.5003)
+    assert abs(rep["achieved_ratio"] - 0.3) <= block
+    path = loraprune.save_gguf(pruned, tmp_path / "m.gguf", tok, dtype="q8_0")
+    downs = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors if t.name.endswith("ffn_down.weight")}
+    assert len(downs) == 3 and set(downs.values()) == {gguf.GGMLQuantizationType.Q8_0}, downs
+    # the same run with per-channel widths leaves some ffn_down F16 (the reason for the default)
+    per_channel = loraprune.prune(tiny_model(num_hidden_layers=3, intermediate_size=512, vocab_size=len(tok)),
+                                  random_batches(vocab=len(tok), n=3), round_to=1, **run)
+    assert per_channel.config.loraprune["settings"]["round_to"] == 1
+    path = loraprune.save_gguf(per_channel, tmp_path / "c.gguf", tok, dtype="q8_0")
+    types = [t.tensor_type for t in gguf.GGUFReader(str(path)).tensors if t.name.endswith("ffn_down.weight")]
+    assert gguf.GGMLQuantizationType.F16 in types
+
+
+@pytest.mark.parametrize("kept,want", [(64, [32]), (40, [8]), (33, [1]), (32, []), (65, [1, 32])])
+def test_blocks_of_a_layer_down_to_its_last_two(kept, want):
+    """A layer with at most two blocks left offers one (never an empty block: it cost a division by zero)."""
+    state, _, _, _, _ = _state("adaptive", 32, width=128)
+    state.masks.mlp_keep[0][:] = False
+    state.masks.mlp_keep[0][:kept] = True
+    assert [b.numel() for b in state.mlp_blocks(0)] == want
