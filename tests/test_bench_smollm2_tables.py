@@ -30,6 +30,7 @@ def results(tmp_path):
     _run(tmp_path, "default", 0.5, 30, 0, {"lr": 0.002}, {"ptb@512": 100.0, "shakespeare@512": 120.0}, 600)
     _run(tmp_path, "default", 0.5, 30, 1, {}, {"ptb@512": 110.0, "shakespeare@512": 100.0}, 600)
     _run(tmp_path, "default", 0.5, 30, 0, {"lr": 0.001}, {"ptb@512": 500.0, "shakespeare@512": 500.0}, 600)
+    _run(tmp_path, "default", 0.5, 30, 2, {"round_to": 32}, {"ptb@512": 900.0, "shakespeare@512": 900.0}, 600)
     _run(tmp_path, "default", 0.5, 100, 0, {}, {"ptb@512": 75.0, "shakespeare@512": 60.0}, 600)
     _run(tmp_path, "grad-adaptive-kd", 0.2, 30, 0, {}, {"ptb@512": 60.0, "shakespeare@512": 48.0}, 840)
     _run(tmp_path, "flap", 0.2, 30, 0, {}, {"ptb@512": 150.0}, 840)
@@ -38,7 +39,7 @@ def results(tmp_path):
 
 def test_curve_points_take_default_runs_only(results):
     pts = smollm2.curve_points(results)
-    # seeds 0 (lr=0.002, today's default) and 1 (no override) together; lr=0.001 left out
+    # seeds 0 (lr=0.002, today's default) and 1 (no override) together; lr=0.001 and round_to=32 left out
     (s30, st30), (s100, st100) = pts["steps"]["default"]
     assert (s30, s100) == (30, 100)
     assert st30["ptb@512"] == pytest.approx((2.1, 2.0, 2.2))
