@@ -410,8 +410,11 @@ def curves(out_dir: Path, evals=CURVE_EVALS) -> tuple[Path, str]:
                 xs, ys = [s for s, _ in ps], [v for _, v in ps]
                 ax.errorbar(xs, [y[0] for y in ys], yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]],
                             marker="o", capsize=3, label=method)
+        ticks = sorted({s for ps in pts["steps"].values() for s, _ in ps})
         ax.set(xscale="log", xlabel="steps (4 x 128 tokens each)", ylabel=f"perplexity / dense ({n})",
                title=f"50 % of the projections ({n})")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax = axes[row][1]
         for method, ps in sorted(pts["ratio"].items()):
             ps = [(w if w is not None else p, st[n]) for p, w, st in ps if n in st]
