@@ -392,6 +392,12 @@ def curve_points(out_dir: Path, evals=CURVE_EVALS) -> dict:
             "proj_over_model": (proj_total / total) if total and proj_total else None}
 
 
+def _errorbar(ax, xs, ys, **kw) -> None:
+    """``ys`` = [(mean, min, max)] drawn as points with min-max bars."""
+    ax.errorbar(xs, [y[0] for y in ys], yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]],
+                marker="o", capsize=3, **kw)
+
+
 def curves(out_dir: Path, evals=CURVE_EVALS) -> tuple[Path, str]:
     """``curves.png`` (perplexity / dense against steps at 50 %, and against the removed share at 30 steps,
     one row per out-of-domain eval) and the same points as a markdown table."""
@@ -407,9 +413,7 @@ def curves(out_dir: Path, evals=CURVE_EVALS) -> tuple[Path, str]:
         for method, ps in sorted(pts["steps"].items()):
             ps = [(s, st[n]) for s, st in ps if n in st]
             if ps:
-                xs, ys = [s for s, _ in ps], [v for _, v in ps]
-                ax.errorbar(xs, [y[0] for y in ys], yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]],
-                            marker="o", capsize=3, label=method)
+                _errorbar(ax, [s for s, _ in ps], [v for _, v in ps], label=method)
         ticks = sorted({s for ps in pts["steps"].values() for s, _ in ps})
         ax.set(xscale="log", xlabel="steps (4 x 128 tokens each)", ylabel=f"perplexity / dense ({n})",
                title=f"50 % of the projections ({n})")
@@ -419,10 +423,8 @@ def curves(out_dir: Path, evals=CURVE_EVALS) -> tuple[Path, str]:
         for method, ps in sorted(pts["ratio"].items()):
             ps = [(w if w is not None else p, st[n]) for p, w, st in ps if n in st]
             if ps:
-                xs, ys = [0.0] + [x for x, _ in ps], [(1.0, 1.0, 1.0)] + [v for _, v in ps]
-                ax.errorbar(xs, [y[0] for y in ys], yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]],
-                            ls="--" if method in ONESHOT else "-", marker="o", capsize=3,
-                            label=method + (" (one-shot)" if method in ONESHOT else ""))
+                _errorbar(ax, [0.0] + [x for x, _ in ps], [(1.0, 1.0, 1.0)] + [v for _, v in ps],
+                          ls="--" if method in ONESHOT else "-", label=method + (" (one-shot)" if method in ONESHOT else ""))
         ax.set(yscale="log", xlabel="removed share of all parameters", ylabel=f"perplexity / dense ({n})",
                title=f"30 steps ({n})")
         k = pts["proj_over_model"]

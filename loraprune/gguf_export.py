@@ -344,7 +344,7 @@ def save_gguf(model: nn.Module, path, tokenizer=None, dtype: str = "f16", *, ove
     path = check_gguf_path(path, overwrite)
     require_pruned(model, "save_gguf")
     require_merged(model)
-    return write_gguf(model, path, tokenizer, dtype, overwrite=overwrite)
+    return _write_gguf(model, path, tokenizer, dtype, overwrite)
 
 
 def write_gguf(model: nn.Module, path, tokenizer=None, dtype: str = "f16", *, overwrite: bool = False) -> Path:
@@ -353,10 +353,13 @@ def write_gguf(model: nn.Module, path, tokenizer=None, dtype: str = "f16", *, ov
     For the dense baseline of a benchmark (the same writer for both sides);
     users call :func:`save_gguf`.
     """
+    return _write_gguf(model, check_gguf_path(path, overwrite), tokenizer, _check_dtype(dtype), overwrite)
+
+
+def _write_gguf(model: nn.Module, path: Path, tokenizer, dtype: str, overwrite: bool) -> Path:
+    """The writer, on a checked path and dtype (each checked once, by the public caller)."""
     from .io import atomic_file
 
-    dtype = _check_dtype(dtype)
-    path = check_gguf_path(path, overwrite)
     _require_gguf_package()
     import gguf
 
