@@ -63,8 +63,13 @@ def _threads() -> int:
 
 
 # ---------------------------------------------------------------------------- prune
-def prune(steps: int, seed: int, lr: float, batch_size: int) -> None:
-    """Prune SmolLM2 at each ratio with the default method (as bench/smollm2.py's rows) and save it."""
+def prune(steps: int, seed: int, lr: float | None, batch_size: int) -> None:
+    """Prune SmolLM2 at each ratio with ``PruneConfig()``'s method (``lr=None``: its lr) and save it.
+
+    A model already saved with the same settings is kept; one saved with other
+    settings is pruned again, and the GGUF files made from it are removed so
+    that ``run`` rebuilds them from the new model.
+    """
     import torch
 
     import loraprune
@@ -73,19 +78,24 @@ def prune(steps: int, seed: int, lr: float, batch_size: int) -> None:
     torch.set_num_threads(_threads())
     for ratio in RATIOS:
         out = WORK / f"default@{ratio:g}"
-        if (out / "config.json").is_file():
-            print(f"{out} exists, skipped")
-            continue
         model, tok = load_smollm2()
-        cfg = PruneConfig.from_kwargs(ratio=ratio, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
-                                      progress=False, **METHODS["default"])
+        cfg = PruneConfig.from_kwargs(ratio=ratio, steps=steps, seed=seed, batch_size=batch_size, progress=False,
+                                      **({} if lr is None else {"lr": lr}), **METHODS["default"])
+        want = {"steps": steps, "batch_size": batch_size, "lr": cfg.lr, "seed": seed}
+        done = out / "bench_prune.json"
+        if done.is_file() and {k: json.loads(done.read_text()).get(k) for k in want} == want:
+            print(f"{out} exists with {want}, kept")
+            continue
+        for stale in WORK.glob(f"pruned-{int(ratio * 100)}-*.gguf"):
+            stale.unlink()
         batches = train_batches(tok, cfg.seq_len, cfg.batch_size, steps * cfg.grad_accum, seed)
         t0 = time.time()
         pruned = loraprune.prune(model, batches, cfg)
-        print(f"pruned {ratio:g} in {time.time() - t0:.0f} s: {pruned.config.loraprune['achieved_ratio']:.4f}")
+        info = pruned.config.loraprune
+        print(f"pruned {ratio:g} in {time.time() - t0:.0f} s: {info['achieved_ratio']:.4f}")
         loraprune.save_pruned(pruned, out, tokenizer=tok, overwrite=True,
-                              extra_json={"bench_prune.json": {"steps": steps, "batch_size": batch_size, "lr": lr,
-                                                               "seed": seed, "seconds": time.time() - t0}})
+                              extra_json={"bench_prune.json": {**want, "round_to": info["settings"]["round_to"],
+                                                               "seconds": time.time() - t0}})
 
 
 # ---------------------------------------------------------------------------- files
@@ -180,6 +190,22 @@ def engine_perplexity(llama_cpp, path: Path, rows) -> float:
     return float(np.exp(nll / count))
 
 
+def ideal_speedups(models: dict, prompt_len: int, gen: int) -> dict:
+    """``{name: (prompt, generation)}`` FLOP ratio dense / model for what :func:`speed_round` times.
+
+    As :mod:`bench.speed` counts FLOPs, except that llama.cpp computes the LM
+    head for the last prompt token only (no ``logits_all``).
+    """
+    from bench.speed import decode_flops, forward_flops
+
+    def flops(m):
+        head = m.lm_head.in_features * m.lm_head.out_features
+        return forward_flops(m, 1, prompt_len) - 2 * head * (prompt_len - 1), decode_flops(m, prompt_len, gen)
+
+    f = {k: flops(m) for k, m in models.items()}
+    return {k: (f["dense"][0] / v[0], f["dense"][1] / v[1]) for k, v in f.items()}
+
+
 def run(repeats: int, prompt_len: int, gen: int, n_windows: int, ratios=RATIOS, out: Path = RESULTS) -> dict:
     llama_cpp = _require_llama_cpp()
     import torch
@@ -195,9 +221,11 @@ def run(repeats: int, prompt_len: int, gen: int, n_windows: int, ratios=RATIOS, 
     for _ in range(repeats):
         for key, path in files.items():
             rounds[key].append(speed_round(llama_cpp, path, prompt, gen))
-    hf_ppl = {"dense": evaluate(dense, windows)}
-    for r in ratios:
-        hf_ppl[f"pruned {int(r * 100)}%"] = evaluate(load_pruned(WORK / f"default@{r:g}", dtype=torch.float32), windows)
+    models = {"dense": dense, **{f"pruned {int(r * 100)}%": load_pruned(WORK / f"default@{r:g}", dtype=torch.float32)
+                                 for r in ratios}}
+    hf_ppl = {k: evaluate(m, windows) for k, m in models.items()}
+    ideal = ideal_speedups(models, prompt_len, gen)
+    del models
     base = rounds[("dense", "f16")]
     base_pp = statistics.median(p for p, _ in base)
     base_tg = statistics.median(g for _, g in base)
@@ -208,6 +236,8 @@ def run(repeats: int, prompt_len: int, gen: int, n_windows: int, ratios=RATIOS, 
         rows.append({
             "model": name, "type": quant, "file_mib": path.stat().st_size / 2**20, "tensor_types": tensor_types(path),
             "pp_tok_s": pp, "tg_tok_s": tg, "pp_ratio": pp / base_pp, "tg_ratio": tg / base_tg,
+            "pp_ideal": ideal[name][0], "tg_ideal": ideal[name][1],
+            "pp_rounds": [p for p, _ in rounds[(name, quant)]], "tg_rounds": [g for _, g in rounds[(name, quant)]],
             "ppl": {k: engine_perplexity(llama_cpp, path, v) for k, v in windows.items()},
             "ppl_transformers_f32": hf_ppl[name],
         })
@@ -289,18 +319,30 @@ def fidelity(gen: int) -> dict:
 
 
 def report(record: dict | None = None, path: Path = RESULTS) -> str:
+    """Markdown table. Speed is tokens/s and × dense f16; for pruned rows also × dense of the same GGUF type
+    against the ideal (FLOP) speed-up, which is what pruning alone can give."""
     record = record or json.loads(path.read_text())
     names = list(record["rows"][0]["ppl"])
-    lines = ["| model | GGUF | MiB | weight tensors | prompt tok/s | gen tok/s | "
-             + " | ".join(f"{n} (llama.cpp)" for n in names) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(names)]
+    dense = {r["type"]: r for r in record["rows"] if r["model"] == "dense"}
+    lines = ["| model | GGUF | MiB | weight tensors | prompt tok/s | gen tok/s | prompt × dense same type (ideal) | "
+             "gen × dense same type (ideal) | " + " | ".join(f"{n} (llama.cpp)" for n in names) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(names)]
+
+    def vs_dense(r, k):
+        d = dense.get(r["type"])
+        if r["model"] == "dense" or d is None or f"{k}_ideal" not in r:
+            return "–"
+        got = r[f"{k}_tok_s"] / d[f"{k}_tok_s"]
+        return f"{got:.2f}× ({r[f'{k}_ideal']:.2f}×: {got / r[f'{k}_ideal']:.2f} of ideal)"
+
     for r in record["rows"]:
         types = ", ".join(f"{v} {k}" for k, v in sorted(r["tensor_types"].items(), key=lambda kv: -kv[1]))
         lines.append(f"| {r['model']} | {r['type']} | {r['file_mib']:.0f} | {types} | {r['pp_tok_s']:.0f} "
                      f"({r['pp_ratio']:.2f}×) | {r['tg_tok_s']:.0f} ({r['tg_ratio']:.2f}×) | "
+                     f"{vs_dense(r, 'pp')} | {vs_dense(r, 'tg')} | "
                      + " | ".join(f"{r['ppl'][n]:.2f}" for n in names) + " |")
     lines.append(f"\n{record['command']}; {record['date']}; {record['machine']}; llama-cpp-python "
-                 f"{record['llama_cpp_python']}. Ratios: to dense f16, same run.")
+                 f"{record['llama_cpp_python']}. Ratios: medians of interleaved rounds, same run.")
     return "\n".join(lines)
 
 
@@ -310,10 +352,10 @@ def main(argv=None) -> int:
     pr = sub.add_parser("prune")
     pr.add_argument("--steps", type=int, default=30)
     pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--lr", type=float, default=1e-3)
+    pr.add_argument("--lr", type=float, default=None, help="default: PruneConfig().lr")
     pr.add_argument("--batch-size", type=int, default=4)
     r = sub.add_parser("run")
-    r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--repeats", type=int, default=5)
     r.add_argument("--prompt", type=int, default=256)
     r.add_argument("--gen", type=int, default=64)
     r.add_argument("--windows", type=int, default=16, help="perplexity windows per text (at most 16)")
