@@ -201,7 +201,7 @@ def run_one(method: str, ratio: float, steps: int, seed: int, extra: dict, out: 
     rep = pruned.config.loraprune
     rec = {
         "method": method, "ratio": ratio, "steps": steps, "seed": seed,
-        "config": rep["settings"] if method in ONESHOT else cfg.to_dict(),
+        "config": rep["settings"] if method in ONESHOT else {**cfg.to_dict(), "round_to": rep["settings"]["round_to"]},
         "achieved_ratio": rep["achieved_ratio"], "seconds": seconds,
         "peak_extra_mib": peak - base_rss, "model_rss_mib": base_rss,
         "ppl": evaluate(pruned, windows), "extra": extra,
@@ -241,13 +241,39 @@ def key(method: str, ratio: float, steps: int, seed: int, extra: dict) -> str:
     return f"{method}@{ratio:g}-s{steps}-seed{seed}{tail}"
 
 
+#: What ``round_to=None`` resolves to on SmolLM2, whose MLPs are all 1536 wide (allocation.resolve_round_to).
+SMOLLM2_ROUND_TO = 32
+#: Settings always compared with today's PruneConfig(), besides a run's own ``--set`` overrides: a run made
+#: before a default changed then shows what it ran with.
+SHOWN = ("lr", "round_to")
+
+
+def overrides(r: dict) -> dict:
+    """The settings run ``r`` ran with that differ from today's ``PruneConfig()`` (``round_to=None`` read as
+    :data:`SMOLLM2_ROUND_TO`): its ``--set`` overrides and :data:`SHOWN`, from its recorded config."""
+    from loraprune import PruneConfig
+
+    defaults, cfg, extra = PruneConfig(), r.get("config", {}), r.get("extra", {})
+    out = {}
+    for k in sorted(set(extra) | set(SHOWN)):
+        if k not in cfg and k not in extra:
+            continue
+        have, want = cfg.get(k, extra.get(k)), getattr(defaults, k, None)
+        if k == "round_to":
+            have, want = (SMOLLM2_ROUND_TO if v is None else v for v in (have, want))
+        if have != want:
+            out[k] = have
+    return out
+
+
 def load_runs(out_dir: Path) -> tuple[dict, dict]:
-    """``(dense ppl, {(method, ratio, steps, overrides): [run records, one per seed]})``."""
+    """``(dense ppl, {(method, ratio, steps, overrides): [run records, one per seed]})``; *overrides* as
+    :func:`overrides`, so runs of one configuration group together however their settings were given."""
     d = json.loads((out_dir / "dense.json").read_text())["ppl"]
     groups: dict = {}
     for p in sorted((out_dir / "runs").glob("*.json")):
         r = json.loads(p.read_text())
-        tail = (",".join(f"{k}={v}" for k, v in sorted(r["extra"].items())) if "extra" in r
+        tail = (",".join(f"{k}={v}" for k, v in overrides(r).items()) if "extra" in r
                 else p.stem.split("-seed", 1)[1].partition(",")[2])  # older runs: the overrides from the key
         groups.setdefault((r["method"], r["ratio"], r["steps"], tail), []).append(r)
     return d, groups
@@ -343,29 +369,20 @@ def plot(out_dir: Path, eval_name: str = "wikitext2@512") -> Path:
 #: The curves' methods: the default, full-gradient Taylor with the same ranking and distillation, one-shot FLAP.
 CURVE_METHODS = ("default", "grad-adaptive-kd", "flap")
 CURVE_EVALS = ("ptb@512", "shakespeare@512")  # out of domain: calibration is WikiText-2 valid
-#: What the curves hold fixed besides PruneConfig()'s defaults: per-channel MLP widths. Every curve run was
-#: made before round_to's default became blocks of 32, which gave the same perplexity at 50 % (bench/README.md).
-CURVE_SETTINGS = {"round_to": 1}
+#: The curves' runs: PruneConfig() but ratio, steps and per-channel MLP widths. Every curve run was made
+#: before round_to's default became blocks of 32, which gave the same perplexity at 50 % (bench/README.md).
+CURVE_TAIL = "round_to=1"
 
 
 def curve_points(out_dir: Path, evals=CURVE_EVALS) -> dict:
-    """The two curves' points, from runs at ``PruneConfig()`` but ratio, steps and :data:`CURVE_SETTINGS`.
+    """The two curves' points, from runs whose :func:`overrides` are :data:`CURVE_TAIL`.
 
-    ``{"steps": {method: [(steps, {eval: (mean, lo, hi) × dense})]}`` at ratio 0.5, and
+    ``{"steps": {method: [(steps, {eval: (mean, lo, hi) × dense})]}`` at ratio 0.5 (also the default run
+    exactly as shipped, blocks of 32, as ``"default, blocks of 32"``), and
     ``"ratio": {method: [(projection share, whole-model share, {eval: ...})]}`` at 30 steps.
     """
-    from loraprune import PruneConfig
-
-    defaults = PruneConfig()
-    d, runs = load_runs(out_dir)
+    d, groups = load_runs(out_dir)
     total, proj_total = dense_params(out_dir)
-    groups: dict = {}  # runs whose settings equal the curves' (e.g. an explicit lr=0.002) count as defaults
-    for (method, ratio, steps, _), rs in runs.items():
-        for r in rs:
-            want = {**{k: getattr(defaults, k) for k in r.get("extra", {})}, **CURVE_SETTINGS}
-            have = {**{k: r.get("config", {}).get(k, v) for k, v in CURVE_SETTINGS.items()}, **r.get("extra", {})}
-            tail = ",".join(f"{k}={v}" for k, v in sorted(have.items()) if want.get(k) != v)
-            groups.setdefault((method, ratio, steps, tail), []).append(r)
 
     def stats(rs):
         out = {}
@@ -378,7 +395,11 @@ def curve_points(out_dir: Path, evals=CURVE_EVALS) -> dict:
     steps_pts: dict = {}
     ratio_pts: dict = {}
     for (method, ratio, steps, tail), rs in groups.items():
-        if tail or method not in CURVE_METHODS:
+        if method not in CURVE_METHODS:
+            continue
+        if tail == "" and method == "default" and ratio == 0.5:
+            steps_pts.setdefault(f"default, blocks of {SMOLLM2_ROUND_TO}", []).append((steps, stats(rs)))
+        if tail != CURVE_TAIL:
             continue
         if ratio == 0.5 and method not in ONESHOT:
             steps_pts.setdefault(method, []).append((steps, stats(rs)))
@@ -434,8 +455,8 @@ def curves(out_dir: Path, evals=CURVE_EVALS) -> tuple[Path, str]:
         for a in axes[row]:
             a.grid(True, which="both", alpha=0.3)
             a.legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M, PruneConfig() (lr 2e-3) with round_to=1, calibration WikiText-2 valid "
-                 "(mean, min-max over seeds)",
+    fig.suptitle("SmolLM2-135M, PruneConfig() (lr 2e-3) with round_to=1 (and as shipped, blocks of 32), "
+                 "calibration WikiText-2 valid (mean, min-max over seeds)",
                  fontsize=10)
     path = out_dir / "curves.png"
     fig.tight_layout()
