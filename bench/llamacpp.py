@@ -225,6 +225,9 @@ def run(repeats: int, prompt_len: int, gen: int, n_windows: int, ratios=RATIOS, 
                                  for r in ratios}}
     hf_ppl = {k: evaluate(m, windows) for k, m in models.items()}
     ideal = ideal_speedups(models, prompt_len, gen)
+    total = sum(p.numel() for p in dense.parameters())  # the tied embedding once
+    removed = {k: {"projections": getattr(m.config, "loraprune", {}).get("achieved_ratio", 0.0),
+                   "model": 1 - sum(p.numel() for p in m.parameters()) / total} for k, m in models.items()}
     del models
     base = rounds[("dense", "f16")]
     base_pp = statistics.median(p for p, _ in base)
@@ -236,7 +239,7 @@ def run(repeats: int, prompt_len: int, gen: int, n_windows: int, ratios=RATIOS, 
         rows.append({
             "model": name, "type": quant, "file_mib": path.stat().st_size / 2**20, "tensor_types": tensor_types(path),
             "pp_tok_s": pp, "tg_tok_s": tg, "pp_ratio": pp / base_pp, "tg_ratio": tg / base_tg,
-            "pp_ideal": ideal[name][0], "tg_ideal": ideal[name][1],
+            "pp_ideal": ideal[name][0], "tg_ideal": ideal[name][1], "removed": removed[name],
             "pp_rounds": [p for p, _ in rounds[(name, quant)]], "tg_rounds": [g for _, g in rounds[(name, quant)]],
             "ppl": {k: engine_perplexity(llama_cpp, path, v) for k, v in windows.items()},
             "ppl_transformers_f32": hf_ppl[name],
@@ -324,7 +327,7 @@ def report(record: dict | None = None, path: Path = RESULTS) -> str:
     record = record or json.loads(path.read_text())
     names = list(record["rows"][0]["ppl"])
     dense = {r["type"]: r for r in record["rows"] if r["model"] == "dense"}
-    lines = ["| model | GGUF | MiB | weight tensors | prompt tok/s | gen tok/s | prompt × dense same type (ideal) | "
+    lines = ["| model (removed: projections / all parameters) | GGUF | MiB | weight tensors | prompt tok/s | gen tok/s | prompt × dense same type (ideal) | "
              "gen × dense same type (ideal) | " + " | ".join(f"{n} (llama.cpp)" for n in names) + " |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(names)]
 
@@ -337,7 +340,10 @@ def report(record: dict | None = None, path: Path = RESULTS) -> str:
 
     for r in record["rows"]:
         types = ", ".join(f"{v} {k}" for k, v in sorted(r["tensor_types"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"| {r['model']} | {r['type']} | {r['file_mib']:.0f} | {types} | {r['pp_tok_s']:.0f} "
+        share = r.get("removed")
+        label = r["model"] if not share or r["model"] == "dense" else (
+            f"{r['model']} ({100 * share['projections']:.1f} % / {100 * share['model']:.1f} %)")
+        lines.append(f"| {label} | {r['type']} | {r['file_mib']:.0f} | {types} | {r['pp_tok_s']:.0f} "
                      f"({r['pp_ratio']:.2f}×) | {r['tg_tok_s']:.0f} ({r['tg_ratio']:.2f}×) | "
                      f"{vs_dense(r, 'pp')} | {vs_dense(r, 'tg')} | "
                      + " | ".join(f"{r['ppl'][n]:.2f}" for n in names) + " |")

@@ -43,9 +43,10 @@ def test_report_compares_pruned_with_dense_of_the_same_type():
     record = {"command": "python -m bench.llamacpp run", "date": "2026-12-07", "machine": "m",
               "llama_cpp_python": "0.3", "rows": [
                   _row("dense", "f16", 100.0, 10.0), _row("dense", "Q8_0", 150.0, 20.0),
-                  _row("pruned 50%", "Q8_0", 270.0, 30.0, ideal=(2.0, 1.6))]}
+                  {**_row("pruned 50%", "Q8_0", 270.0, 30.0, ideal=(2.0, 1.6)),
+                   "removed": {"projections": 0.5002, "model": 0.3951}}]}
     table = llamacpp.report(record)
-    pruned = [line for line in table.splitlines() if line.startswith("| pruned 50%")][0]
+    pruned = [line for line in table.splitlines() if line.startswith("| pruned 50% (50.0 % / 39.5 %) | Q8_0 |")][0]
     # 270/150 = 1.80× of an ideal 2.00× (0.90); 30/20 = 1.50× of 1.60× (0.94); × dense f16: 2.70× and 3.00×
     assert "| 270 (2.70×) | 30 (3.00×) | 1.80× (2.00×: 0.90 of ideal) | 1.50× (1.60×: 0.94 of ideal) |" in pruned
     assert "| 10 (1.00×) | – | – | 60.00 |" in table.splitlines()[2]  # dense rows have no pruning speed-up
