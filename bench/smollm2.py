@@ -463,13 +463,17 @@ def curves(out_dir: Path, evals=CURVE_EVALS) -> tuple[Path, str]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-    def fmt(st):
-        return " | ".join(f"{st[n][0]:.2f}×" if n in st else "-" for n in evals)
+    def fmt(st):  # mean, and the range over seeds where there are several
+        return " | ".join("-" if n not in st else f"{st[n][0]:.2f}×" if st[n][1] == st[n][2] else
+                          f"{st[n][0]:.2f}× ({st[n][1]:.2f}–{st[n][2]:.2f})" for n in evals)
+
+    k = pts["proj_over_model"]
+    half = f"{0.5 * k:.3f}" if k else "-"  # removed parameters are projection parameters
 
     lines = ["| curve | method | steps | removed (proj / model) | " + " | ".join(evals) + " |",
              "|---|---|---|---|" + "---|" * len(evals)]
     for method, ps in sorted(pts["steps"].items()):
-        lines += [f"| steps, 50 % | {method} | {s} | 0.50 / - | {fmt(st)} |" for s, st in ps]
+        lines += [f"| steps, 50 % | {method} | {s} | 0.50 / {half} | {fmt(st)} |" for s, st in ps]
     for method, ps in sorted(pts["ratio"].items()):
         lines += [f"| ratio, 30 steps | {method} | 30 | {p:.2f} / {w:.3f} | {fmt(st)} |" if w is not None else
                   f"| ratio, 30 steps | {method} | 30 | {p:.2f} / - | {fmt(st)} |" for p, w, st in ps]

@@ -63,7 +63,8 @@ def test_curve_points_take_default_runs_only(results):
 def test_curves_write_the_figure_and_table(results):
     path, table = smollm2.curves(results)
     assert path.is_file() and path.stat().st_size > 10_000
-    assert "| ratio, 30 steps | default | 30 | 0.50 / 0.400 | 2.10× | 2.75× |" in table
+    assert "| ratio, 30 steps | default | 30 | 0.50 / 0.400 | 2.10× (2.00–2.20) | 2.75× (2.50–3.00) |" in table
+    assert "| steps, 50 % | default | 100 | 0.50 / 0.400 | 1.50× | 1.50× |" in table
     assert "| ratio, 30 steps | flap | 30 | 0.20 / 0.160 | 3.00× | - |" in table
 
 
