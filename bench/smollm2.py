@@ -413,6 +413,12 @@ def curve_points(out_dir: Path, evals=CURVE_EVALS) -> dict:
             "proj_over_model": (proj_total / total) if total and proj_total else None}
 
 
+def _color(series: str) -> str:
+    """One colour per series in both panels."""
+    order = (*CURVE_METHODS, f"default, blocks of {SMOLLM2_ROUND_TO}")
+    return f"C{order.index(series)}" if series in order else "k"
+
+
 def _errorbar(ax, xs, ys, **kw) -> None:
     """``ys`` = [(mean, min, max)] drawn as points with min-max bars."""
     ax.errorbar(xs, [y[0] for y in ys], yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]],
@@ -434,7 +440,7 @@ def curves(out_dir: Path, evals=CURVE_EVALS) -> tuple[Path, str]:
         for method, ps in sorted(pts["steps"].items()):
             ps = [(s, st[n]) for s, st in ps if n in st]
             if ps:
-                _errorbar(ax, [s for s, _ in ps], [v for _, v in ps], label=method)
+                _errorbar(ax, [s for s, _ in ps], [v for _, v in ps], label=method, color=_color(method))
         ticks = sorted({s for ps in pts["steps"].values() for s, _ in ps})
         ax.set(xscale="log", xlabel="steps (4 x 128 tokens each)", ylabel=f"perplexity / dense ({n})",
                title=f"50 % of the projections ({n})")
@@ -445,7 +451,8 @@ def curves(out_dir: Path, evals=CURVE_EVALS) -> tuple[Path, str]:
             ps = [(w if w is not None else p, st[n]) for p, w, st in ps if n in st]
             if ps:
                 _errorbar(ax, [0.0] + [x for x, _ in ps], [(1.0, 1.0, 1.0)] + [v for _, v in ps],
-                          ls="--" if method in ONESHOT else "-", label=method + (" (one-shot)" if method in ONESHOT else ""))
+                          ls="--" if method in ONESHOT else "-", color=_color(method),
+                          label=method + (" (one-shot)" if method in ONESHOT else ""))
         ax.set(yscale="log", xlabel="removed share of all parameters", ylabel=f"perplexity / dense ({n})",
                title=f"30 steps ({n})")
         k = pts["proj_over_model"]
