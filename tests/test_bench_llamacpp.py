@@ -50,3 +50,14 @@ def test_report_compares_pruned_with_dense_of_the_same_type():
     # 270/150 = 1.80× of an ideal 2.00× (0.90); 30/20 = 1.50× of 1.60× (0.94); × dense f16: 2.70× and 3.00×
     assert "| 270 (2.70×) | 30 (3.00×) | 1.80× (2.00×: 0.90 of ideal) | 1.50× (1.60×: 0.94 of ideal) |" in pruned
     assert "| 10 (1.00×) | – | – | 60.00 |" in table.splitlines()[2]  # dense rows have no pruning speed-up
+
+
+def test_report_takes_the_median_of_per_round_ratios():
+    dense = {**_row("dense", "f16", 100.0, 10.0), "pp_rounds": [100.0, 50.0, 100.0], "tg_rounds": [10.0, 10.0, 5.0]}
+    pruned = {**_row("pruned 20%", "f16", 150.0, 12.0, ideal=(1.25, 1.2)),
+              "pp_rounds": [120.0, 65.0, 150.0], "tg_rounds": [12.0, 12.0, 6.5]}
+    table = llamacpp.report({"command": "c", "date": "d", "machine": "m", "llama_cpp_python": "0.3",
+                             "rows": [dense, pruned]})
+    # per-round ratios: prompt 1.2, 1.3, 1.5 -> 1.30; generation 1.2, 1.2, 1.3 -> 1.20 (a load spike in one
+    # round hits both files of that round)
+    assert "| 1.30× (1.25×: 1.04 of ideal) | 1.20× (1.20×: 1.00 of ideal) |" in table
