@@ -78,7 +78,6 @@ def prune(steps: int, seed: int, lr: float | None, batch_size: int) -> None:
     torch.set_num_threads(_threads())
     for ratio in RATIOS:
         out = WORK / f"default@{ratio:g}"
-        model, tok = load_smollm2()
         cfg = PruneConfig.from_kwargs(ratio=ratio, steps=steps, seed=seed, batch_size=batch_size, progress=False,
                                       **({} if lr is None else {"lr": lr}), **METHODS["default"])
         want = {"steps": steps, "batch_size": batch_size, "lr": cfg.lr, "seed": seed}
@@ -88,6 +87,7 @@ def prune(steps: int, seed: int, lr: float | None, batch_size: int) -> None:
             continue
         for stale in WORK.glob(f"pruned-{int(ratio * 100)}-*.gguf"):
             stale.unlink()
+        model, tok = load_smollm2()  # only when pruning: a kept model needs no load
         batches = train_batches(tok, cfg.seq_len, cfg.batch_size, steps * cfg.grad_accum, seed)
         t0 = time.time()
         pruned = loraprune.prune(model, batches, cfg)
