@@ -99,8 +99,8 @@ def _peak_mem(fn) -> int:
 def bench_cuda(out_dir: str) -> dict:  # pragma: no cover - needs a GPU
     from triton.testing import do_bench
 
+    from bench.common import importance_eager_fp32
     from loraprune.kernels import group_importance, lora_linear, merge_gather, use_backend
-    from loraprune.kernels.reference import importance_eager_fp32
 
     dev, dt, s = "cuda", torch.bfloat16, 2.0
     hbm = _hbm_gbps()

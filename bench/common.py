@@ -74,8 +74,8 @@ def command_line() -> str:
 
 
 def write_json(path: Path, payload: dict) -> Path:
-    """Atomic JSON write (:func:`loraprune.io.write_atomic`): no half-written results."""
-    from loraprune.io import write_atomic
+    """Atomic JSON write (:func:`loraprune.utils.atomic.write_atomic`): no half-written results."""
+    from loraprune.utils.atomic import write_atomic
 
     return write_atomic(path, json.dumps(payload, indent=1, default=_jsonable))
 
@@ -119,7 +119,7 @@ class BenchSetup:
 
     @classmethod
     def create(cls, out=None, smoke=False, preset="default", data_dir=None, cache_dir=None) -> "BenchSetup":
-        from loraprune.corpora import resolve_data_dir
+        from loraprune.data.corpora import resolve_data_dir
 
         # a smoke run never overwrites the real figures
         out = Path(out) if out else (RESULTS_DIR / "smoke" if smoke else RESULTS_DIR)
@@ -132,7 +132,12 @@ class BenchSetup:
     # -- the model under test
     def reference(self):
         """``(model, tokenizer, stats)`` of the cached reference model (trained on first use)."""
-        from loraprune.reference import TrainSettings, load_or_train_reference, reference_cache_dir, reference_stats
+        from loraprune.apps.toy_shakespeare import (
+            TrainSettings,
+            load_or_train_reference,
+            reference_cache_dir,
+            reference_stats,
+        )
 
         preset = TrainSettings(**SMOKE_SETTINGS) if self.smoke else self.preset
         model, tok = load_or_train_reference(cache_dir=self.cache_dir, data_dir=self.data_dir, preset=preset,
@@ -142,21 +147,21 @@ class BenchSetup:
 
     # -- data
     def train_texts(self) -> list[str]:
-        from loraprune.corpora import shakespeare_split
-        from loraprune.text_files import read_texts
+        from loraprune.data.corpora import shakespeare_split
+        from loraprune.data.text_files import read_texts
 
         train, _ = shakespeare_split(self.data_dir)
         return read_texts(train)
 
     def eval_text(self, name: str) -> str:
-        from loraprune.corpora import load_eval_text
+        from loraprune.data.corpora import load_eval_text
 
         return load_eval_text(name, "test", data_dir=self.data_dir)
 
 
 def miniature_data(src: Path, dst: Path) -> Path:
     """A small copy of the shared data folder (first ``SMOKE_BYTES`` of each file) for smoke runs."""
-    from loraprune.corpora import shakespeare_split
+    from loraprune.data.corpora import shakespeare_split
 
     train, held = shakespeare_split(src)
     for p in train[:4] + held:
@@ -177,7 +182,7 @@ def evenly_spaced_windows(stream: torch.Tensor, window: int, max_windows: int | 
     """At most ``max_windows`` non-overlapping ``window``-token windows spread evenly over the
     stream, concatenated; :func:`loraprune.eval.perplexity` with the same ``window`` re-cuts
     exactly these windows. ``None`` keeps every window (the whole text)."""
-    from loraprune.windows import cut_windows
+    from loraprune.data.windows import cut_windows
 
     rows = cut_windows(stream, window)
     if max_windows is not None and rows.shape[0] > max_windows:
@@ -213,3 +218,12 @@ def stats_summary(values: list[float]) -> dict:
         "max": max(vals),
         "n": len(vals),
     }
+
+
+def importance_eager_fp32(weight, lora_A, lora_B, grad_A, grad_B, scaling, square=False):
+    """The eager fp32 computation a PEFT user writes today (forms G and B A, out x in each)."""
+    W, A, B, gA, gB = (t.float() for t in (weight, lora_A, lora_B, grad_A, grad_B))
+    G = gB @ A + B @ gA - gB @ gA
+    S = G * (W + scaling * (B @ A))
+    S = S * S if square else S.abs()
+    return S.sum(1), S.sum(0)

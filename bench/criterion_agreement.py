@@ -100,8 +100,8 @@ def projection_parts(pruner, importance) -> dict[str, list[torch.Tensor]]:
 def run(steps: int, seed: int, lr: float, run_steps: int) -> dict:
     import loraprune
     from loraprune.config import PruneConfig
-    from loraprune.criterion import GradImportance, LoRAImportance, make_importance
-    from loraprune.prune import lr_factor
+    from loraprune.method.criterion import GradImportance, LoRAImportance, make_importance
+    from loraprune.run.prune import lr_factor
 
     torch.set_num_threads(int(os.environ.get("LORAPRUNE_THREADS", os.cpu_count() or 1)))
     model, tok = load_smollm2()

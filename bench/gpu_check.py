@@ -42,13 +42,14 @@ if SMOKE and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # bench.common; the kernels' test oracles (tests/kernel_oracles.py)
 
 import triton  # noqa: E402
 
+from kernel_oracles import importance_ref, merge_gather_ref  # noqa: E402
 from loraprune.kernels import group_importance, lora_linear, merge_gather, use_backend  # noqa: E402
 from loraprune.kernels import ops as kops  # noqa: E402
 from loraprune.kernels import triton_lora_linear as tll  # noqa: E402
-from loraprune.kernels.reference import importance_ref, merge_gather_ref  # noqa: E402
 
 #: max |err| / max |ref| per weight dtype: fp32 factors, fp32 accumulation.
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -394,7 +395,7 @@ def bench_speed(device) -> list[dict]:
         gA, gB = torch.randn_like(A), torch.randn_like(B)
         with use_backend("triton"):
             t_imp = do_bench(lambda: group_importance(W, A, B, gA, gB, s)) * 1e3
-        from loraprune.kernels.reference import importance_eager_fp32
+        from bench.common import importance_eager_fp32
         t_eager = do_bench(lambda: importance_eager_fp32(W, A, B, gA, gB, s)) * 1e3
         w_bytes = W.numel() * W.element_size()
         row.update(importance_us=t_imp, importance_eager_us=t_eager, importance_GBps=w_bytes / t_imp / 1e3,

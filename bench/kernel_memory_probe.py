@@ -49,7 +49,7 @@ def _impl(name):
 
         return group_importance_torch
     if name == "eager":
-        from loraprune.kernels.reference import importance_eager_fp32
+        from bench.common import importance_eager_fp32
 
         return importance_eager_fp32
     if name == "criterion":
@@ -61,8 +61,8 @@ def _criterion_lora(weight, lora_A, lora_B, grad_A, grad_B, scaling):
     """The public path loraprune.prune takes: score_module on a LoRALinear (criterion "lora")."""
     import torch
 
-    from loraprune.criterion import score_module
-    from loraprune.lora import LoRALinear
+    from loraprune.method.criterion import score_module
+    from loraprune.model.lora import LoRALinear
 
     base = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     base.weight = torch.nn.Parameter(weight, requires_grad=False)  # shares the input, no copy

@@ -10,7 +10,8 @@ prebuilt wheels need a newer glibc than Debian 12's).
     python -m bench.llamacpp fidelity  # logits in llama.cpp vs transformers per model and dtype -> results/llamacpp_fidelity.json
 
 Every GGUF is written by ``loraprune.save_gguf`` as f16 (the dense model by
-the same writer, :func:`loraprune.gguf_export.write_gguf`), then quantized by
+the same writer, :func:`loraprune.save_gguf`: the dense model goes through it as a cut that keeps
+every group, :func:`dense_as_pruned`), then quantized by
 llama.cpp's own quantizer (``llama_model_quantize``, default parameters,
 from the f16 file). Measured in llama.cpp through llama-cpp-python:
 
@@ -99,13 +100,23 @@ def prune(steps: int, seed: int, lr: float | None, batch_size: int) -> None:
 
 
 # ---------------------------------------------------------------------------- files
+def dense_as_pruned(model):
+    """The dense model as a cut that keeps every group (the same weights and logits), so that the
+    dense baseline goes through the same writer as the pruned models: :func:`loraprune.save_gguf`."""
+    import loraprune
+    from loraprune.structure.groups import build_layer_groups
+    from loraprune.structure.masks import Masks
+
+    return loraprune.compact(model, Masks.full(build_layer_groups(model)))
+
+
 def build_files(llama_cpp, ratios=RATIOS) -> dict:
     """``{label: path}``: dense and pruned, f16 and quantized (skipping files already written)."""
     import torch
 
-    from loraprune.gguf import smollm2_path
-    from loraprune.gguf_export import save_gguf, write_gguf
-    from loraprune.io import load_pruned
+    from loraprune.export.gguf_read import smollm2_path
+    from loraprune.export.gguf_write import save_gguf
+    from loraprune.export.load import load_pruned
 
     WORK.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -115,7 +126,7 @@ def build_files(llama_cpp, ratios=RATIOS) -> dict:
         if not f16.is_file():
             if src is None:
                 model, _ = load_smollm2()
-                write_gguf(model, f16, smollm2_path(), dtype="f16")
+                save_gguf(dense_as_pruned(model), f16, smollm2_path(), dtype="f16")
             else:
                 save_gguf(load_pruned(src, dtype=torch.float32), f16, smollm2_path(), dtype="f16")
         files[(name, "f16")] = f16
@@ -210,7 +221,7 @@ def run(repeats: int, prompt_len: int, gen: int, n_windows: int, ratios=RATIOS, 
     llama_cpp = _require_llama_cpp()
     import torch
 
-    from loraprune.io import load_pruned
+    from loraprune.export.load import load_pruned
 
     files = build_files(llama_cpp, ratios)
     dense, tok = load_smollm2()
@@ -273,12 +284,12 @@ def fidelity(gen: int) -> dict:
     import numpy as np
     import torch
 
-    from loraprune.gguf import smollm2_path
-    from loraprune.gguf_export import DTYPES, write_gguf
-    from loraprune.io import load_pruned
+    from loraprune.export.gguf_read import smollm2_path
+    from loraprune.export.gguf_write import DTYPES, save_gguf
+    from loraprune.export.load import load_pruned
 
     dense, tok = load_smollm2()
-    models = {"dense": dense, **{f"pruned {int(r * 100)}%": load_pruned(WORK / f"default@{r:g}", dtype=torch.float32)
+    models = {"dense": dense_as_pruned(dense), **{f"pruned {int(r * 100)}%": load_pruned(WORK / f"default@{r:g}", dtype=torch.float32)
                                  for r in RATIOS}}
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     rows = []
@@ -291,7 +302,7 @@ def fidelity(gen: int) -> dict:
             want = seq[len(ids[0]):]
         for dtype in DTYPES:
             path = WORK / f"fidelity-{name.replace(' ', '-').replace('%', '')}-{dtype}.gguf"
-            write_gguf(model, path, smollm2_path(), dtype=dtype, overwrite=True)
+            save_gguf(model, path, smollm2_path(), dtype=dtype, overwrite=True)
             llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, n_batch=128, n_threads=_threads(),
                                   type_k=0, type_v=0, flash_attn=False, verbose=False, seed=0)
             diff, agree = 0.0, True

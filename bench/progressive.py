@@ -45,7 +45,7 @@ def _pruner_at_target(model, progressive: bool, distill: float, ratio: float):
 
 
 def step_times(model, batch: dict, rounds: int, distill: float) -> dict:
-    from loraprune.prune import micro_step
+    from loraprune.run.prune import micro_step
 
     from .speed import forward_flops, interleaved
 

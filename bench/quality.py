@@ -48,8 +48,8 @@ def eval_streams(setup: BenchSetup, tokenizer, windows: dict[str, int], max_wind
 
     A set whose text cannot be found (a clone without ``../shared`` and offline: only the
     Shakespeare sample ships with the package) is left out, with a note."""
+    from loraprune.data.windows import token_stream
     from loraprune.errors import DataError
-    from loraprune.windows import token_stream
 
     from .common import evenly_spaced_windows
 
@@ -100,10 +100,10 @@ def _log(msg: str) -> None:
 
 
 def run(setup: BenchSetup, settings: dict, resume: bool = True, log=_log) -> dict:
-    from loraprune import prune
-    from loraprune.batches import text_batches
-    from loraprune.oneshot import oneshot_prune
-    from loraprune.windows import cut_windows, token_stream
+    from loraprune.data.batches import text_batches
+    from loraprune.data.windows import cut_windows, token_stream
+    from loraprune.run import prune
+    from loraprune.run.oneshot import oneshot_prune
 
     out_path = setup.out / "quality.json"
     torch.manual_seed(0)

@@ -108,7 +108,7 @@ def load_smollm2():
     if (CACHE / "model.safetensors").is_file():
         return (AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32),
                 AutoTokenizer.from_pretrained(CACHE))
-    from loraprune.gguf import load_gguf, smollm2_path
+    from loraprune.export.gguf_read import load_gguf, smollm2_path
 
     model, tok = load_gguf(smollm2_path())  # dequantized, GGUF markers cleared: a plain model
     tmp = CACHE.with_name(CACHE.name + ".partial")
@@ -119,7 +119,7 @@ def load_smollm2():
 
 
 def _data_dir() -> Path:
-    from loraprune.corpora import resolve_data_dir
+    from loraprune.data.corpora import resolve_data_dir
 
     return Path(resolve_data_dir())
 
@@ -127,7 +127,7 @@ def _data_dir() -> Path:
 def eval_windows(tokenizer, names=DEFAULT_EVALS) -> dict:
     import torch
 
-    from loraprune.windows import token_stream
+    from loraprune.data.windows import token_stream
 
     out = {}
     for name in names:
@@ -162,7 +162,7 @@ def evaluate(model, windows: dict) -> dict:
 def train_batches(tokenizer, seq_len: int, batch_size: int, n: int, seed: int) -> list[dict]:
     import torch
 
-    from loraprune.windows import cut_windows, token_stream
+    from loraprune.data.windows import cut_windows, token_stream
 
     rows = cut_windows(token_stream(tokenizer, [str(_data_dir() / "wikitext-2/valid.txt")]), seq_len)
     g = torch.Generator().manual_seed(seed)
@@ -226,7 +226,7 @@ def dense(out_dir: Path) -> dict:
     missing = [n for n in DEFAULT_EVALS if n not in rec["ppl"]]
     if not missing:
         return rec
-    from loraprune.groups import layer_projection_params
+    from loraprune.structure.groups import layer_projection_params
 
     model, tok = load_smollm2()
     rec["ppl"].update(evaluate(model, eval_windows(tok, missing)))

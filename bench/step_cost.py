@@ -76,8 +76,8 @@ def labelled_ranges():
 
     import torch
 
-    engine = importlib.import_module("loraprune.engine")
-    prune_mod = importlib.import_module("loraprune.prune")  # the module (loraprune.prune is the function)
+    engine = importlib.import_module("loraprune.run.engine")
+    prune_mod = importlib.import_module("loraprune.run.prune")  # the module (loraprune.prune is the function)
     rf = torch.profiler.record_function
     saved = {}
 

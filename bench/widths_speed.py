@@ -27,10 +27,10 @@ def cut_to(model, widths):
     """``model`` (copied) compacted to ``widths`` = [(kv heads, MLP channels)] per layer, first groups kept."""
     import torch
 
-    from loraprune.archs import arch_for
-    from loraprune.compaction import compact
-    from loraprune.groups import build_layer_groups
-    from loraprune.masks import Masks
+    from loraprune.structure.archs import arch_for
+    from loraprune.structure.groups import build_layer_groups
+    from loraprune.structure.masks import Masks
+    from loraprune.surgery.compaction import compact
 
     m = copy.deepcopy(model)
     spec = arch_for(m)

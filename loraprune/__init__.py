@@ -8,37 +8,40 @@ engine), :class:`CubicSchedule`, :func:`compact`, and the Hugging Face Trainer
 callback :class:`LoRAPruneCallback` (imported on first use, so ``import
 loraprune`` does not pull in ``transformers.Trainer``).
 
-The parts behind these (criteria, masks, groups, architectures, checkpoints,
-data and evaluation helpers, errors) stay public in their modules, e.g.
-``loraprune.batches.make_batches``, ``loraprune.masks.Masks`` or ``loraprune.errors.DataError``.
+The parts behind these stay public in the stage that owns them (docs/layout.md
+lists the stages): e.g. ``loraprune.data.batches.make_batches``,
+``loraprune.structure.masks.Masks``, ``loraprune.method.criterion`` or
+``loraprune.errors.DataError`` (every error class).
 """
 from __future__ import annotations
 
 import importlib
 
-from .adapter import export_adapter
-from .compaction import compact, merge_lora
 from .config import PruneConfig
-from .engine import LoRAPruner
 from .errors import LoRAPruneError
 from .eval import perplexity
-from .gguf_export import save_gguf
-from .io import load_pruned, save_pruned
-from .oneshot import oneshot_prune
-from .prune import prune
-from .schedule import CubicSchedule
+from .export.adapter import export_adapter
+from .export.gguf_read import load_gguf
+from .export.gguf_write import save_gguf
+from .export.load import load_pruned
+from .export.save import save_pruned
+from .method.schedule import CubicSchedule
+from .run.engine import LoRAPruner
+from .run.oneshot import oneshot_prune
+from .run.prune import prune
+from .surgery.compaction import compact, merge_lora
 
 #: The single source of the version: pyproject.toml reads it from here.
 __version__ = "0.1.0"
 
 __all__ = [
     "CubicSchedule", "LoRAPruneCallback", "LoRAPruneError", "LoRAPruner", "PruneConfig", "compact",
-    "export_adapter", "load_pruned", "merge_lora", "oneshot_prune", "perplexity", "prune", "save_gguf",
+    "export_adapter", "load_gguf", "load_pruned", "merge_lora", "oneshot_prune", "perplexity", "prune", "save_gguf",
     "save_pruned",
 ]
 
 #: Imported on first access: the Trainer callback (``transformers.Trainer`` is a heavy import).
-_LAZY = {"LoRAPruneCallback": "callback"}
+_LAZY = {"LoRAPruneCallback": "run.callback"}
 
 
 def __getattr__(name: str):

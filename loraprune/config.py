@@ -15,8 +15,8 @@ import numbers
 import os
 from dataclasses import dataclass, field, fields
 
-from .criterion import CRITERIA
 from .errors import ConfigError
+from .method.criterion import CRITERIA
 
 NORMALIZE = (None, "module", "l2")
 RANKINGS = ("layer", "global", "adaptive")
@@ -299,8 +299,9 @@ RUN_DEFINING = tuple(f.name for f in fields(PruneConfig)
 
 
 def options_markdown() -> str:
-    """The README's options table, generated from the fields (a test keeps the README in sync)."""
+    """The options table of docs/options.md, generated from the fields (a test keeps the page in sync).
+    A ``|`` in a help text is escaped: unescaped, it would split the table row."""
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for name, default, help_text in PruneConfig.fields_help():
-        rows.append(f"| `{name}` | `{default!r}` | {help_text} |")
+        rows.append(f"| `{name}` | `{default!r}` | {help_text.replace('|', chr(92) + '|')} |")
     return "\n".join(rows)

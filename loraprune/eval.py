@@ -4,7 +4,7 @@ Perplexity follows the usual pruning-paper protocol (SparseGPT, LLM-Pruner,
 LoRAPrune): join the documents with ``"\\n\\n"``, tokenize once, cut the stream
 into non-overlapping windows and report ``exp(mean NLL)`` over every predicted
 token.  Compare pruned / dense ratios on the same text and tokenizer.
-The evaluation texts themselves come from :func:`loraprune.corpora.load_eval_text`.
+The evaluation texts themselves come from :func:`loraprune.data.corpora.load_eval_text`.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import LoRAPruneError
-from .windows import check_token_ids, check_tokenizer_fits, require_tokens, token_stream, vocab_size_of
+from .data.windows import check_token_ids, check_tokenizer_fits, require_tokens, token_stream, vocab_size_of
+from .errors import LoRAPruneError, MissingExtraError
 
 __all__ = ["perplexity", "tokens_per_second", "lm_eval_tasks"]
 
@@ -229,10 +229,6 @@ def _decode_once(model, ids, new_tokens) -> float:
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
-class MissingExtraError(LoRAPruneError, ImportError):
-    """An optional dependency is not installed; the message names the pip command."""
-
-
 def _lm_eval():
     try:
         import lm_eval
@@ -274,7 +270,7 @@ def lm_eval_tasks(model: Any, tokenizer: Any = None, tasks: str | Sequence[str] 
     if include_path is not None and not os.path.isdir(include_path):
         raise LoRAPruneError(f"include_path={include_path!r} is not a folder; pass the folder holding the task YAML files")
     if isinstance(model, (str, os.PathLike)):
-        from .cli_inputs import load_model_and_tokenizer
+        from .export.loader import load_model_and_tokenizer
 
         model, loaded = load_model_and_tokenizer(str(model), None if tokenizer is None else str(tokenizer)
                                                  if isinstance(tokenizer, (str, os.PathLike)) else None)

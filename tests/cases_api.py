@@ -34,7 +34,7 @@ def _masked_out():
 
 
 def _callback_with(obj):
-    from loraprune.callback import LoRAPruneCallback
+    from loraprune.run.callback import LoRAPruneCallback
 
     return lambda tmp_path: LoRAPruneCallback(obj)
 
@@ -70,7 +70,7 @@ def _finalized_twice(tmp_path):
 
 
 def _callback_schedule_ignored(tmp_path):
-    from loraprune.callback import LoRAPruneCallback
+    from loraprune.run.callback import LoRAPruneCallback
 
     pruner = loraprune.LoRAPruner(tiny_model(), ratio=0.5, schedule=loraprune.CubicSchedule(1, 3, 1))
     return LoRAPruneCallback(pruner, prune_end=0.5)

@@ -1,6 +1,6 @@
 """Bad data: every input a user can get wrong is refused with the cause and the fix.
 
-Batches are checked when :func:`loraprune.batches.make_batches` is called (lists,
+Batches are checked when :func:`loraprune.data.batches.make_batches` is called (lists,
 text, datasets) or as they are drawn (iterators), so each call draws one batch.
 """
 import functools
@@ -9,9 +9,9 @@ import json
 import torch
 
 from bad_input_table import Case
-from loraprune.batches import make_batches
+from loraprune.data.batches import make_batches
+from loraprune.data.text_files import read_texts
 from loraprune.eval import perplexity
-from loraprune.text_files import read_texts
 from tiny import tiny_config, tiny_model
 
 VOCAB = 512  # room for the test tokenizer (byte-level BPE has at least 259 tokens)
@@ -19,7 +19,7 @@ VOCAB = 512  # room for the test tokenizer (byte-level BPE has at least 259 toke
 
 @functools.cache
 def _tokenizer(vocab_size=300):
-    from loraprune.reference import train_tokenizer
+    from loraprune.apps.toy_shakespeare import train_tokenizer
 
     return train_tokenizer(["To be, or not to be, that is the question. " * 20], vocab_size=vocab_size)
 

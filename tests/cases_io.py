@@ -12,9 +12,11 @@ import torch
 
 import loraprune
 from bad_input_table import Case
-from loraprune import gguf as lp_gguf
-from loraprune.io import OutputExistsError, PrunedModelError, inspect_dir, load_pruned, save_pruned
-from loraprune.masks import Masks
+from loraprune.errors import OutputExistsError, PrunedModelError
+from loraprune.export import gguf_read as lp_gguf
+from loraprune.export.load import inspect_dir, load_pruned
+from loraprune.export.save import save_pruned
+from loraprune.structure.masks import Masks
 from tiny import tiny_model
 
 _TEMPLATE: dict[str, Path] = {}
@@ -108,7 +110,7 @@ CASES = [
     # ---- where the model should be
     Case("io-load-missing-dir", _missing, r"nowhere does not exist; pass the directory"),
     Case("io-load-file-not-dir", lambda p: load_pruned(_a_file(p)), r"is a file, not a directory"),
-    Case("io-load-gguf-file", lambda p: load_pruned(_a_file(p, "m.gguf")), r"loraprune\.gguf\.load_gguf"),
+    Case("io-load-gguf-file", lambda p: load_pruned(_a_file(p, "m.gguf")), r"loraprune\.load_gguf"),
     Case("io-load-empty-dir", lambda p: load_pruned(p), r"has no config\.json"),
     Case("io-inspect-data-dir", lambda p: (p / "a.txt").write_text("text") and inspect_dir(p), r"has no config\.json"),
     Case("io-load-no-weights", _load_after(lambda d: (d / "model.safetensors").unlink()),
@@ -160,7 +162,7 @@ CASES = [
 
 
 def _resume_with_other_data(tmp_path):
-    from loraprune.checkpoint import Checkpointer, fingerprint
+    from loraprune.run.checkpoint import Checkpointer, fingerprint
 
     pruner = loraprune.LoRAPruner(tiny_model(), ratio=0.5)
     opt = torch.optim.AdamW(pruner.lora_parameters())
@@ -178,11 +180,11 @@ class CLIRefused(loraprune.errors.LoRAPruneError):
 
 
 def run_cli(argv):
-    """Run ``loraprune.cli.main(argv)``; a refusal must be exit 2 with one ``loraprune: error:`` line (raised here)."""
+    """Run ``loraprune.apps.cli.main(argv)``; a refusal must be exit 2 with one ``loraprune: error:`` line (raised here)."""
     import contextlib
     import io
 
-    from loraprune.cli import main
+    from loraprune.apps.cli import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -224,9 +226,8 @@ def _finished_model(tmp_path):
 def _other_runs_checkpoints(tmp_path):
     step = tmp_path / "out" / "checkpoints" / "step-00000002"
     step.mkdir(parents=True)
-    for name in ("meta.json", "state.safetensors"):
-        (step / name).write_text("{}")
-    (step.parent / "run.json").write_text(json.dumps({"model": "elsewhere", "data": "other.txt"}))
+    (step / "state.safetensors").write_text("{}")
+    (step / "meta.json").write_text(json.dumps({"format": 1, "settings": {"ratio": 0.25}, "fingerprint": None}))
     return tmp_path / "out"
 
 
@@ -248,7 +249,7 @@ CASES += [
     Case("cli-resume-a-finished-model", _prune("--resume", out=_finished_model),
          r"holds config\.json, notes\.txt besides checkpoints/ \(it holds a finished model\): nothing to resume"),
     Case("cli-resume-another-run", _prune("--resume", out=_other_runs_checkpoints),
-         r"belong to another run \(differs in .*data.*pass --force-resume"),
+         r"was written with other settings \{'ratio': \(0\.25, 0\.5\)\} \(saved, now\); resume with the same options"),
     Case("cli-resume-without-checkpoints", _prune("--resume", "--checkpoint-every", "0"),
          r"--resume needs checkpoints: drop --checkpoint-every 0"),
     Case("cli-force-resume-alone", _prune("--force-resume"), r"--force-resume only applies with --resume"),
@@ -330,7 +331,7 @@ def _load_with(**kw):
 
 
 def _write_json_under_a_file(tmp_path):
-    from loraprune.io import write_json
+    from loraprune.utils.atomic import write_json
 
     return write_json(_file_at(tmp_path) / "r.json", {"a": 1})
 
@@ -347,9 +348,9 @@ CASES += [
          r"cannot write the output directory .*/out: the file system is read-only"),
     Case("fs-save-permission-denied", _save_with_failing("tempfile.mkstemp", _ERRNO.EACCES),
          r"cannot write the output directory .*/out: permission denied"),
-    Case("fs-save-disk-full", _save_with_failing("loraprune.io.write_masks", _ERRNO.ENOSPC),
+    Case("fs-save-disk-full", _save_with_failing("loraprune.export.save.write_masks", _ERRNO.ENOSPC),
          r"cannot write the output .*/out: the disk is full"),
-    Case("fs-save-quota", _save_with_failing("loraprune.io.write_masks", _ERRNO.EDQUOT), r"disk quota is exceeded"),
+    Case("fs-save-quota", _save_with_failing("loraprune.export.save.write_masks", _ERRNO.EDQUOT), r"disk quota is exceeded"),
     Case("fs-write-json-under-a-file", _write_json_under_a_file, r"cannot write the file .*/f/r\.json: .*/f is a file, "
                                                                  r"not a directory"),
     Case("fs-export-adapter-under-a-file", lambda p: loraprune.export_adapter(_unmerged(), _file_at(p) / "ad"),

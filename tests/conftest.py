@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 def data_dir() -> Path:
     """The text corpora: ``$LORAPRUNE_DATA``, ``../shared/data`` beside the repository,
     else the sample shipped in the package. Always holds ``shakespeare/``."""
-    from loraprune.corpora import resolve_data_dir
+    from loraprune.data.corpora import resolve_data_dir
 
     folder = resolve_data_dir()
     assert (folder / "shakespeare").is_dir(), f"{folder} has no shakespeare/; unset LORAPRUNE_DATA or fix it"

@@ -4,7 +4,7 @@ import json
 import torch
 
 import loraprune
-from loraprune.masks import Masks
+from loraprune.structure.masks import Masks
 from tiny import tiny_model
 
 TEXTS = [
@@ -15,8 +15,8 @@ TEXTS = [
 
 
 def gpt2_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer (GPT-2 pre-tokenizer), as loraprune.reference trains it."""
-    from loraprune.reference import train_tokenizer
+    """A byte-level BPE tokenizer (GPT-2 pre-tokenizer), as loraprune.apps.toy_shakespeare trains it."""
+    from loraprune.apps.toy_shakespeare import train_tokenizer
 
     return train_tokenizer(TEXTS, vocab_size=vocab_size, min_frequency=1)
 

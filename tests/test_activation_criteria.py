@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from loraprune import LoRAPruner
-from loraprune.groups import build_layer_groups
-from loraprune.oneshot import collect_input_stats, group_scores
+from loraprune.run.oneshot import collect_input_stats, group_scores
+from loraprune.structure.groups import build_layer_groups
 from tiny import random_batches, tiny_model
 
 

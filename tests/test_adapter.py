@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 import loraprune
 from loraprune import LoRAPruner, load_pruned, merge_lora, save_pruned
-from loraprune.adapter import export_adapter
-from loraprune.io import PrunedModelError
-from loraprune.lora import LoRALinear
+from loraprune.errors import PrunedModelError
+from loraprune.export.adapter import export_adapter
+from loraprune.model.lora import LoRALinear
 from tiny import logits, random_batches, tiny_model
 
 X = random_batches(n=1, batch=2, seq=10, seed=5)[0]["input_ids"]

@@ -1,7 +1,7 @@
 import pytest
 
-from loraprune.allocation import allocate, resolve_skip
-from loraprune.groups import build_layer_groups, layer_projection_params
+from loraprune.method.allocation import allocate, resolve_skip
+from loraprune.structure.groups import build_layer_groups, layer_projection_params
 from tiny import tiny_model
 
 SHAPES = [

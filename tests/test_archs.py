@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import loraprune
-from loraprune.archs import ModuleLayoutError
-from loraprune.groups import layer_projection_params
+from loraprune.structure.archs import ModuleLayoutError
+from loraprune.structure.groups import layer_projection_params
 from tiny import random_batches, tiny_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,

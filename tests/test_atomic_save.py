@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import loraprune
-from loraprune import io as lp_io
 from loraprune.errors import OutputExistsError
-from loraprune.masks import Masks
+from loraprune.structure.masks import Masks
+from loraprune.utils import atomic as lp_io
 from tiny import random_batches, tiny_model
 
 

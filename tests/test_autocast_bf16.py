@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 import loraprune
+from kernel_oracles import assert_close_rel, lora_linear_ref
 from loraprune.kernels import group_importance, lora_linear, merge_gather, triton_interpreting, use_backend
-from loraprune.kernels.reference import assert_close_rel, lora_linear_ref
 from tiny import logits, random_batches, tiny_model
 
 BACKENDS = ["torch", "triton"] if triton_interpreting() else ["torch"]
@@ -120,7 +120,7 @@ def test_bf16_model_pruned_on_cpu_saves_and_reloads_with_equal_logits(tmp_path, 
 
 # ---- devices -------------------------------------------------------------------------------
 def test_batches_go_to_the_input_embeddings_device():
-    from loraprune.prune import input_device
+    from loraprune.run.prune import input_device
 
     class Sharded(nn.Module):  # first parameter elsewhere, as a device_map model's may be
         def __init__(self):

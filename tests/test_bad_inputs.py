@@ -116,8 +116,8 @@ def test_cli_refuses_an_unwritable_output_before_loading_anything(where, tmp_pat
     import errno
     import os
 
-    from loraprune import cli_prune
-    from loraprune.cli import main
+    from loraprune.apps import cli_prune
+    from loraprune.apps.cli import main
 
     (tmp_path / "data.txt").write_text("some text " * 50)
     (tmp_path / "model").mkdir()  # exists: the output check, not the model check, is what must refuse

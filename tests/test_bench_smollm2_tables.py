@@ -79,7 +79,7 @@ def test_report_gives_both_shares(results):
 def test_smollm2_round_to_is_what_none_resolves_to():
     from types import SimpleNamespace
 
-    from loraprune.allocation import resolve_round_to
+    from loraprune.method.allocation import resolve_round_to
 
     smollm2_layers = [SimpleNamespace(n_channels=1536)] * 30  # SmolLM2-135M: 30 MLPs of 1536 channels
     assert resolve_round_to(None, smollm2_layers) == smollm2.SMOLLM2_ROUND_TO

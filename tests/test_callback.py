@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from loraprune import CubicSchedule, LoRAPruner
-from loraprune.callback import LoRAPruneCallback
 from loraprune.errors import NonFiniteLossError
+from loraprune.run.callback import LoRAPruneCallback
 from tiny import tiny_model
 
 pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 import loraprune
-from loraprune.checkpoint import Checkpointer, CheckpointError
-from loraprune.cli import main
-from loraprune.reference import train_tokenizer
+from loraprune.apps.cli import main
+from loraprune.apps.toy_shakespeare import train_tokenizer
+from loraprune.run.checkpoint import Checkpointer, CheckpointError
 from tiny import tiny_model
 
 pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles
@@ -46,13 +46,13 @@ def prune_args(root, out, *extra):
 SLOW_CLI = textwrap.dedent(
     """
     import importlib, sys, time
-    P = importlib.import_module("loraprune.prune")  # the module (the package exports a function of that name)
+    P = importlib.import_module("loraprune.run.prune")  # the module (the package exports a function of that name)
     real = P.micro_step
     def slow(*a, **k):
         time.sleep(0.4)
         return real(*a, **k)
     P.micro_step = slow
-    from loraprune.cli import main
+    from loraprune.apps.cli import main
     sys.exit(main(sys.argv[1:]))
     """
 )
@@ -150,7 +150,7 @@ def test_partial_checkpoint_is_ignored(tmp_path):
 
 
 def test_pruning_state_round_trip(tmp_path):
-    from loraprune.checkpoint import restore_pruning_state, save_pruning_state
+    from loraprune.run.checkpoint import restore_pruning_state, save_pruning_state
 
     a = loraprune.LoRAPruner(tiny_model(), ratio=0.5, schedule=loraprune.CubicSchedule(0, 2, 1))
     a.state.observe([torch.rand(lg.n_kv) for lg in a.layers], [torch.rand(lg.n_channels) for lg in a.layers])
@@ -175,7 +175,7 @@ def _pruner_and_optimizer(model):
 def test_fingerprint_tells_models_data_and_tokenizers_apart(workdir, tmp_path):
     from transformers import AutoTokenizer
 
-    from loraprune.checkpoint import fingerprint, fingerprint_mismatch
+    from loraprune.run.checkpoint import fingerprint, fingerprint_mismatch
 
     batches = [{"input_ids": torch.arange(16).view(2, 8)}]
     model = tiny_model()
@@ -199,7 +199,7 @@ def test_fingerprint_tells_models_data_and_tokenizers_apart(workdir, tmp_path):
 
 
 def test_checkpointer_refuses_another_model_or_data_unless_allowed(tmp_path):
-    from loraprune.checkpoint import fingerprint
+    from loraprune.run.checkpoint import fingerprint
 
     batches = [{"input_ids": torch.arange(16).view(2, 8)}]
     pruner, opt = _pruner_and_optimizer(tiny_model())

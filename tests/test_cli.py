@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import loraprune
-from loraprune import cli, cli_prune
-from loraprune.cli import main
+from loraprune.apps import cli, cli_prune
+from loraprune.apps.cli import main
+from loraprune.apps.toy_shakespeare import train_tokenizer
 from loraprune.config import PruneConfig
+from loraprune.errors import PrunedModelError
 from loraprune.eval import perplexity
-from loraprune.io import PrunedModelError
-from loraprune.masks import Masks
-from loraprune.reference import train_tokenizer
+from loraprune.structure.masks import Masks
 from tiny import tiny_model
 
 TEXT = "the quick brown fox jumps over the lazy dog; a stitch in time saves nine. " * 120
@@ -80,7 +80,7 @@ def test_prune_inspect_eval_session(work, tmp_path, capsys):
     assert masks.kept_kv() == [2, 2]
 
     model = loraprune.load_pruned(out)
-    info = loraprune.io.inspect_dir(out)  # headers only; checked against the loaded model
+    info = loraprune.export.load.inspect_dir(out)  # headers only; checked against the loaded model
     for i, layer in enumerate(model.model.layers):
         row = info["layers"][i]
         assert row["params"] == sum(p.numel() for p in layer.parameters())
@@ -93,7 +93,7 @@ def test_prune_inspect_eval_session(work, tmp_path, capsys):
     assert main(["eval", "--model", str(out), "--data", str(work / "data" / "a.txt"), "--seq-len", "16",
                  "--baseline", str(work / "model")]) == 0
     printed = capsys.readouterr().out
-    tok = loraprune.cli_inputs.load_tokenizer(str(out))
+    tok = loraprune.apps.cli_inputs.load_tokenizer(str(out))
     want = perplexity(model, [TEXT], tok, window=16)
     assert f"{want:.4g}" in printed and "ratio pruned / baseline" in printed
 
@@ -112,10 +112,13 @@ def test_output_directory_rules(work, tmp_path, capsys):
     # checkpoints of another run are not resumed with other data
     ck = tmp_path / "ck"
     (ck / "checkpoints" / "step-00000002").mkdir(parents=True)
-    for name in ("meta.json", "state.safetensors"):
-        (ck / "checkpoints" / "step-00000002" / name).write_text("{}")
-    (ck / "checkpoints" / "run.json").write_text(json.dumps({"model": "m", "data": "d", "tokenizer": None}))
-    assert "belong to another run" in error_of(capsys, prune_argv(work, ck, "--resume"))
+    (ck / "checkpoints" / "step-00000002" / "state.safetensors").write_text("{}")
+    meta = {"format": 1, "settings": {"ratio": 0.5, "steps": 999}, "fingerprint": {"data": {"kind": "other"}}}
+    (ck / "checkpoints" / "step-00000002" / "meta.json").write_text(json.dumps(meta))
+    assert "written with other settings {'steps': (999," in error_of(capsys, prune_argv(work, ck, "--resume"))
+    meta["settings"] = {"ratio": 0.5}  # same options, other data (a moved folder would be the same data)
+    (ck / "checkpoints" / "step-00000002" / "meta.json").write_text(json.dumps(meta))
+    assert "written for other data than this run" in error_of(capsys, prune_argv(work, ck, "--resume"))
     assert "not a directory" in error_of(capsys, prune_argv(work, work / "data" / "a.txt"))
 
 
@@ -261,7 +264,7 @@ def test_prune_and_eval_a_gguf_file(work, tmp_path, capsys):
     pruned = loraprune.load_pruned(out)
     assert pruned.config.loraprune["achieved_ratio"] == pytest.approx(0.5, abs=0.05)
     assert pruned.config.vocab_size == source.config.vocab_size
-    tok = loraprune.cli_inputs.load_tokenizer(str(out))  # the GGUF's tokenizer, saved beside the model
+    tok = loraprune.apps.cli_inputs.load_tokenizer(str(out))  # the GGUF's tokenizer, saved beside the model
     assert tok.decode(tok("the tea")["input_ids"]) == "the tea"
     capsys.readouterr()
     assert main(["eval", "--model", str(tmp_path / "tiny.gguf"), "--data", str(work / "data" / "a.txt"),
@@ -281,7 +284,7 @@ def test_prune_and_eval_a_gguf_file(work, tmp_path, capsys):
     (False, False, "CPU", "bfloat16", ("cpu", "bfloat16")),
 ])
 def test_device_and_dtype_defaults_follow_the_machine(monkeypatch, cuda, bf16, device, dtype, want):
-    from loraprune.cli_inputs import resolve_placement
+    from loraprune.apps.cli_inputs import resolve_placement
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from loraprune import LoRAPruner, compact
-from loraprune.masks import Masks
+from loraprune.structure.masks import Masks
 from tiny import random_batches, tiny_model
 
 

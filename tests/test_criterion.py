@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from loraprune import LoRAPruner
-from loraprune.criterion import score_module
-from loraprune.lora import LoRALinear
+from loraprune.method.criterion import score_module
+from loraprune.model.lora import LoRALinear
 from tiny import random_batches, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]  # `python -m bench.…` runs from the repository root

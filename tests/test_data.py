@@ -1,121 +1,38 @@
-"""Text plumbing (corpora, text_files, windows, batches): one home each, no import cycles, batches checked."""
+"""Text plumbing (corpora, text_files, windows, batches): one home each, batches checked."""
 import ast
 import fnmatch
 import importlib
 import importlib.util
-import pkgutil
 from pathlib import Path
 
 import pytest
 import torch
 
 import loraprune
-from loraprune.batches import make_batches
-from loraprune.corpora import SAMPLE_DIR, load_eval_text, load_texts
+from loraprune.data.batches import make_batches
+from loraprune.data.corpora import SAMPLE_DIR, load_eval_text, load_texts
+from loraprune.data.windows import text_windows, token_stream
 from loraprune.errors import DataError
-from loraprune.windows import text_windows, token_stream
+from test_layout import package_modules
 from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# ------------------------------------------------------------------ import graph
-def _package_modules() -> dict[str, Path]:
-    """Every module of loraprune (kernels included: installed as loraprune.kernels) -> its file."""
-    found = {"loraprune": Path(loraprune.__file__)}
-    for pkg_name in ("loraprune", "loraprune.kernels"):
-        spec = importlib.util.find_spec(pkg_name)
-        found[pkg_name] = Path(spec.origin)
-        for info in pkgutil.iter_modules(spec.submodule_search_locations, pkg_name + "."):
-            found[info.name] = Path(importlib.util.find_spec(info.name).origin)
-    return found
-
-
-def _is_type_checking(node: ast.AST) -> bool:
-    test = getattr(node, "test", None)
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(test)
-
-
-def _imported(module: str, path: Path, known: set[str]) -> set[str]:
-    """Modules of ``known`` that ``module`` imports anywhere (lazy imports included,
-    ``if TYPE_CHECKING:`` blocks excluded)."""
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    out: set[str] = set()
-
-    def visit(node):
-        for child in ast.iter_child_nodes(node):
-            if _is_type_checking(child):
-                continue
-            if isinstance(child, ast.Import):
-                out.update(a.name for a in child.names if a.name in known)
-            elif isinstance(child, ast.ImportFrom):
-                if child.level:
-                    base = package.rsplit(".", child.level - 1)[0] if child.level > 1 else package
-                    target = f"{base}.{child.module}" if child.module else base
-                else:
-                    target = child.module or ""
-                for alias in child.names:  # a submodule imported by name needs only that submodule
-                    sub = f"{target}.{alias.name}"
-                    out.add(sub if sub in known else target)
-            visit(child)
-
-    visit(ast.parse(path.read_text(encoding="utf-8")))
-    return out & known - {module}
-
-
-def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
-    stack: list[str] = []
-
-    def dfs(node):
-        state[node] = 1
-        stack.append(node)
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
-            if nxt not in state and (cycle := dfs(nxt)):
-                return cycle
-        state[node] = 2
-        stack.pop()
-        return None
-
-    for node in sorted(graph):
-        if node not in state and (cycle := dfs(node)):
-            return cycle
-    return None
-
-
-def test_no_import_cycle_among_loraprune_modules():
-    modules = _package_modules()
-    graph = {m: _imported(m, p, set(modules)) for m, p in modules.items()}
-    assert {"loraprune.windows", "loraprune.eval", "loraprune.reference", "loraprune.kernels.ops"} <= set(graph)
-    assert "loraprune.windows" in graph["loraprune.eval"]  # the walk sees relative imports
-    assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))
-
-
-def test_cycle_finder_finds_a_lazy_cycle(tmp_path):
-    """The detector itself: a function-level import closing a loop counts (the old eval <-> reference)."""
-    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
-    assert _find_cycle(graph) == ["a", "b", "c", "a"]
-    path = tmp_path / "eval.py"
-    path.write_text("def f():\n    from .reference import x\nif TYPE_CHECKING:\n    from .engine import y\n")
-    assert _imported("loraprune.eval", path, {"loraprune.reference", "loraprune.engine"}) == {"loraprune.reference"}
 
 
 def test_text_plumbing_has_one_home():
     """Each function of the text plumbing is defined in exactly one module of the package, and
     eval / reference import the plumbing instead of re-exporting it."""
     from loraprune import eval as E
-    from loraprune import reference as R
+    from loraprune.apps import toy_shakespeare as R
 
     defined: dict[str, list[str]] = {}
-    for name, path in _package_modules().items():
+    for name, path in package_modules().items():
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 defined.setdefault(node.name, []).append(name)
-    homes = {"read_texts": "loraprune.text_files", "resolve_data_dir": "loraprune.corpora",
-             "load_eval_text": "loraprune.corpora", "token_stream": "loraprune.windows",
-             "cut_windows": "loraprune.windows", "make_batches": "loraprune.batches", "DataError": "loraprune.errors"}
+    homes = {"read_texts": "loraprune.data.text_files", "resolve_data_dir": "loraprune.data.corpora",
+             "load_eval_text": "loraprune.data.corpora", "token_stream": "loraprune.data.windows",
+             "cut_windows": "loraprune.data.windows", "make_batches": "loraprune.data.batches", "DataError": "loraprune.errors"}
     for name, home in homes.items():
         assert defined[name] == [home], (name, defined[name])
     assert not set(homes) & set(getattr(E, "__all__", ())) and not set(homes) & set(R.__all__)
@@ -176,7 +93,7 @@ def test_checked_batches_cycle_and_derive_labels():
 
 
 def test_text_batches_are_the_token_stream(data_dir):
-    from loraprune.reference import train_tokenizer
+    from loraprune.apps.toy_shakespeare import train_tokenizer
 
     text = (data_dir / "shakespeare" / "sonnets.txt").read_text(encoding="utf-8")[:6000]
     tok = train_tokenizer([text], vocab_size=300)
@@ -192,7 +109,7 @@ def test_sample_text_is_declared_package_data():
     """Every shipped sample file matches a package-data pattern of pyproject.toml, so wheels carry it."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    patterns = meta["tool"]["setuptools"]["package-data"]["loraprune"]
+    patterns = meta["tool"]["setuptools"]["package-data"]["loraprune.data"]
     files = [p.relative_to(SAMPLE_DIR.parent).as_posix() for p in SAMPLE_DIR.rglob("*") if p.is_file()]
     assert len(files) >= 10 and "samples/README.md" in files
     assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)
@@ -207,10 +124,10 @@ def test_public_surface_is_small_and_lazy():
     assert 10 <= len(loraprune.__all__) <= 16
     for name in loraprune.__all__:
         getattr(loraprune, name)  # every exported name resolves (raises AttributeError otherwise)
-    heavy = "print('loraprune.callback' in sys.modules, 'transformers.trainer_callback' in sys.modules)"
+    heavy = "print('loraprune.run.callback' in sys.modules, 'transformers.trainer_callback' in sys.modules)"
     code = f"import sys, loraprune; {heavy}; loraprune.LoRAPruneCallback; {heavy}"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "True", "True"]
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         loraprune.nope  # noqa: B018
-    assert importlib.import_module("loraprune.callback").LoRAPruneCallback is loraprune.LoRAPruneCallback
+    assert importlib.import_module("loraprune.run.callback").LoRAPruneCallback is loraprune.LoRAPruneCallback

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import loraprune
-from loraprune import demo
-from loraprune.cli_inputs import CLIError
+from loraprune.apps import demo
+from loraprune.apps.cli_inputs import CLIError
 from tiny import tiny_model
 
 
@@ -31,9 +31,9 @@ def test_weight_bytes_counts_a_tied_embedding_once():
 
 @pytest.mark.slow
 def test_demo_on_a_local_model_saves_what_it_reports(tmp_path, data_dir):
-    from loraprune.corpora import shakespeare_split
+    from loraprune.apps.toy_shakespeare import train_tokenizer
+    from loraprune.data.corpora import shakespeare_split
     from loraprune.eval import perplexity
-    from loraprune.reference import train_tokenizer
 
     train, heldout = shakespeare_split(data_dir)
     tok = train_tokenizer([p.read_text(encoding="utf-8")[:20000] for p in train[:2]], vocab_size=300)

@@ -19,7 +19,7 @@ FSDP2_WORKER = textwrap.dedent(
     from torch.distributed.tensor import Shard
     from safetensors.torch import save_file
     import test_callback as T
-    from loraprune.distributed import _row_sharded, full
+    from loraprune.model.distributed import _row_sharded, full
 
     out, criterion, layout = sys.argv[1:4]
     dist.init_process_group("gloo")
@@ -173,8 +173,8 @@ def test_deepspeed_refuses_criteria_that_read_parameter_gradients():
     from types import SimpleNamespace
 
     from loraprune import LoRAPruner
-    from loraprune.callback import LoRAPruneCallback
     from loraprune.errors import ConfigError
+    from loraprune.run.callback import LoRAPruneCallback
     from tiny import tiny_model
 
     state = SimpleNamespace(global_step=0, max_steps=4)
@@ -191,7 +191,7 @@ def test_deepspeed_refuses_criteria_that_read_parameter_gradients():
 def _scored_steps() -> int:
     """Steps whose scores are observed: up to the schedule's end (the final mask), not during recovery."""
     from loraprune.config import PruneConfig
-    from loraprune.schedule import CubicSchedule
+    from loraprune.method.schedule import CubicSchedule
 
     cfg = PruneConfig()
     return CubicSchedule.for_run(STEPS, cfg.prune_start, cfg.prune_end).end

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraprune.corpora import load_eval_text
+from loraprune.apps.toy_shakespeare import train_tokenizer
+from loraprune.data.corpora import load_eval_text
 from loraprune.eval import lm_eval_tasks, perplexity, tokens_per_second
-from loraprune.reference import train_tokenizer
 
 VOCAB = 300
 
@@ -217,7 +217,7 @@ def test_load_eval_text_hub_fallback(tmp_path, monkeypatch):
 
 def test_load_eval_text_from_the_shipped_sample():
     """A fresh clone has no data folder: the held-out Shakespeare comes from the package's sample."""
-    from loraprune.corpora import SAMPLE_DIR
+    from loraprune.data.corpora import SAMPLE_DIR
 
     held = load_eval_text("shakespeare", "test", data_dir=SAMPLE_DIR)
     assert held.startswith("HAMLET") and "MACBETH" in held and "OTHELLO" not in held

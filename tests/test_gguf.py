@@ -6,14 +6,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import loraprune
-from loraprune import gguf as lp_gguf
+from loraprune.export import gguf_read as lp_gguf
 from tiny import random_batches
 
 pytest.importorskip("gguf")
 
 from gguf_file import tokens, write_tiny_gguf  # noqa: E402
-from loraprune.groups import build_layer_groups
-from loraprune.masks import Masks
+from loraprune.structure.groups import build_layer_groups
+from loraprune.structure.masks import Masks
 
 VOCAB = len(tokens())
 X = random_batches(vocab=VOCAB, n=1, batch=2, seq=12, seed=5)[0]["input_ids"]

@@ -8,9 +8,9 @@ import torch
 
 import loraprune
 from gguf_export_cases import gpt2_tokenizer, logits, per_layer_llama, spm_tokenizer, uniform
-from loraprune.gguf_export import GGUFExportError
-from loraprune.io import OutputExistsError, PrunedModelError
-from loraprune.masks import Masks
+from loraprune.errors import OutputExistsError, PrunedModelError
+from loraprune.export.gguf_write import GGUFExportError
+from loraprune.structure.masks import Masks
 from tiny import tiny_model
 
 gguf = pytest.importorskip("gguf")
@@ -29,7 +29,7 @@ def _fields(path) -> dict:
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_uniform_llama_reloads_in_transformers_with_the_same_logits(arch, tok, tmp_path):
     """transformers' GGUF reader undoes llama.cpp's q/k order itself: an independent check of the layout."""
-    from loraprune.gguf import load_gguf
+    from loraprune.export.gguf_read import load_gguf
 
     model = uniform(arch, len(tok))
     path = loraprune.save_gguf(model, tmp_path / "m.gguf", tok, dtype="f32")
@@ -106,7 +106,7 @@ def test_hf_tokenizers_are_converted(tok, tmp_path):
 
 def test_tokenizer_keys_are_copied_from_the_source_gguf(tmp_path):
     from gguf_file import write_tiny_gguf
-    from loraprune.gguf import load_gguf
+    from loraprune.export.gguf_read import load_gguf
 
     write_tiny_gguf(tmp_path / "src.gguf")
     model, _ = load_gguf(tmp_path / "src.gguf")
@@ -155,7 +155,7 @@ def test_per_layer_qwen3_is_refused_naming_uniform(tok, tmp_path):
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tok, tmp_path, monkeypatch):
-    import loraprune.gguf_export as ge
+    import loraprune.export.gguf_write as ge
 
     model = uniform("llama", len(tok))
     (tmp_path / "m.gguf").write_bytes(b"old")
@@ -172,7 +172,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tok, tmp_path, mo
 
 
 def test_cli_export_writes_the_saved_model(tok, tmp_path, capsys):
-    from loraprune.cli import main
+    from loraprune.apps.cli import main
 
     model = per_layer_llama(len(tok))
     loraprune.save_pruned(model, tmp_path / "pruned", tokenizer=tok)
@@ -187,8 +187,8 @@ def test_cli_export_writes_the_saved_model(tok, tmp_path, capsys):
 
 
 def test_unwritable_paths_are_refused_before_anything_is_converted(tok, tmp_path, monkeypatch, capsys):
-    import loraprune.gguf_export as ge
-    from loraprune.cli import main
+    import loraprune.export.gguf_write as ge
+    from loraprune.apps.cli import main
     from loraprune.errors import OutputPathError
 
     def no_conversion(*args):
@@ -206,7 +206,7 @@ def test_unwritable_paths_are_refused_before_anything_is_converted(tok, tmp_path
         loraprune.save_gguf(model, tmp_path / "d.gguf", tok)
     # the CLI refuses before the model loads
     loraprune.save_pruned(per_layer_llama(len(tok)), tmp_path / "pruned", tokenizer=tok)
-    monkeypatch.setattr("loraprune.io.load_pruned", lambda *a, **k: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr("loraprune.export.load.load_pruned", lambda *a, **k: pytest.fail("model loaded before the check"))
     assert main(["export", str(tmp_path / "f" / "m.gguf"), "--from", str(tmp_path / "pruned")]) == 2
     err = capsys.readouterr().err
     assert "GGUF file's folder" in err and "is not a directory (a file)" in err and "Traceback" not in err

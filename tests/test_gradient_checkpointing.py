@@ -6,7 +6,7 @@ import torch
 
 import loraprune
 from loraprune.errors import ConfigError
-from loraprune.recompute import gradient_checkpointing, is_checkpointing
+from loraprune.model.recompute import gradient_checkpointing, is_checkpointing
 from tiny import random_batches, tiny_model
 
 

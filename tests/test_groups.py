@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from loraprune.archs import ModuleLayoutError, UnsupportedArchitectureError, arch_for
-from loraprune.groups import build_layer_groups
+from loraprune.structure.archs import ModuleLayoutError, UnsupportedArchitectureError, arch_for
+from loraprune.structure.groups import build_layer_groups
 from tiny import tiny_model
 
 
@@ -77,8 +77,8 @@ def test_kept_slices_name_the_rows_and_columns_each_projection_keeps():
 
 def test_removed_params_counts_the_parameters_compaction_removes():
     from loraprune import compact
-    from loraprune.groups import layer_projection_params, removed_params
-    from loraprune.masks import Masks
+    from loraprune.structure.groups import layer_projection_params, removed_params
+    from loraprune.structure.masks import Masks
 
     model = tiny_model(attention_bias=True)
     groups = build_layer_groups(model)

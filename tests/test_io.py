@@ -7,8 +7,9 @@ from transformers import AutoModelForCausalLM
 
 import loraprune
 from loraprune import load_pruned, save_pruned
-from loraprune.io import PrunedModelError, attach_export
-from loraprune.masks import Masks
+from loraprune.errors import PrunedModelError
+from loraprune.export.classes import attach_export
+from loraprune.structure.masks import Masks
 from test_compaction import masked_and_compacted
 from tiny import logits, random_batches, tiny_model
 
@@ -151,7 +152,7 @@ def test_masks_json_indexes_the_original_weights(tmp_path):
 def test_per_layer_reload_builds_on_meta_then_loads(tmp_path, monkeypatch):
     """load_pruned must not materialise a random-initialised copy of a per-layer model before
     reading the weights: when the per-layer widths are applied, every parameter is still on meta."""
-    import loraprune.modeling_loraprune as ml
+    import loraprune.export.modeling_loraprune as ml
 
     model = _pruned("llama", False)
     save_pruned(model, tmp_path / "m")
@@ -198,7 +199,7 @@ def test_biased_llama_with_indivisible_head_count_goes_out_per_layer(tmp_path):
 def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     import os
 
-    from loraprune.io import write_atomic, write_json
+    from loraprune.utils.atomic import write_atomic, write_json
 
     write_json(tmp_path / "r.json", {"a": 1})
 

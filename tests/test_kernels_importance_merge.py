@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+from kernel_oracles import assert_close_rel, importance_ref, merge_gather_ref
 from loraprune.kernels import group_importance, merge_gather, torch_ops, triton_interpreting, use_backend
-from loraprune.kernels.reference import assert_close_rel, importance_ref, merge_gather_ref
 
 INTERP = triton_interpreting()  # Triton on CPU tensors needs the interpreter (see conftest)
 BACKENDS = ["torch", "triton"] if INTERP else ["torch"]

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+from kernel_oracles import assert_close_rel, lora_linear_ref
 from loraprune.kernels import LoRALinearFunction, lora_linear, triton_interpreting, use_backend
-from loraprune.kernels.reference import assert_close_rel, lora_linear_ref
 
 # Triton on these CPU tensors needs the interpreter (conftest sets it where there is no GPU;
 # on a GPU machine the native kernels are covered by the gpu-marked tests and bench/gpu_check.py).

@@ -72,7 +72,7 @@ def test_in_memory_pruned_model_scores_as_its_own_loglikelihoods(setup):
 
 
 def test_saved_model_and_cli(setup, tmp_path, capsys):
-    from loraprune.cli import main
+    from loraprune.apps.cli import main
 
     model, tok, folder = setup
     loraprune.save_pruned(model, tmp_path / "m", tokenizer=tok)
@@ -85,7 +85,7 @@ def test_saved_model_and_cli(setup, tmp_path, capsys):
 
 
 def test_bad_task_requests_are_refused(setup, capsys):
-    from loraprune.cli import main
+    from loraprune.apps.cli import main
 
     model, tok, folder = setup
     with pytest.raises(loraprune.LoRAPruneError, match="unknown lm-eval task"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from loraprune import LoRAPruner
-from loraprune.loss import training_loss
+from loraprune.method.loss import training_loss
 from tiny import random_batches, tiny_model
 
 

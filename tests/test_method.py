@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import loraprune
-from loraprune.allocation import allocate
-from loraprune.groups import build_layer_groups, layer_projection_params
-from loraprune.loss import distillation_loss
-from loraprune.prune import lr_factor
-from loraprune.state import PruningState
+from loraprune.method.allocation import allocate
+from loraprune.method.loss import distillation_loss
+from loraprune.method.state import PruningState
+from loraprune.run.prune import lr_factor
+from loraprune.structure.groups import build_layer_groups, layer_projection_params
 from tiny import random_batches, tiny_model
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from loraprune import load_pruned, save_pruned
-from loraprune.activation_scores import InputStats, column_scores
-from loraprune.groups import layer_projection_params
-from loraprune.oneshot import collect_input_stats, oneshot_plan, oneshot_prune
+from loraprune.method.activation_scores import InputStats, column_scores
+from loraprune.run.oneshot import collect_input_stats, oneshot_plan, oneshot_prune
+from loraprune.structure.groups import layer_projection_params
 from tiny import random_batches, tiny_model
 
 
@@ -138,7 +138,7 @@ def test_bad_arguments_are_named():
 
 
 def test_report_block_round_trips_through_prune_report():
-    from loraprune.report import PruneReport
+    from loraprune.run.report import PruneReport
 
     model = tiny_model("llama", seed=2)
     pruned = oneshot_prune(model, random_batches(n=2), ratio=0.4, method="wanda-sp", calib_batches=2)

@@ -1,4 +1,4 @@
-"""Progressive compaction (loraprune.progressive) equals masked training.
+"""Progressive compaction (loraprune.surgery.progressive) equals masked training.
 
 The reference is the same run with ``progressive=False``: the masked model
 computes the removed groups as zeros at full width. Same seed, no LoRA
@@ -10,7 +10,7 @@ import torch
 
 import loraprune
 from loraprune import LoRAPruner
-from loraprune.progressive import expand, physical_order, relative, to_original
+from loraprune.surgery.progressive import expand, physical_order, relative, to_original
 from tiny import logits, random_batches, tiny_model
 
 RUN = dict(ratio=0.5, steps=8, lr=1e-2, lora_dropout=0.0, prune_start=1, prune_end=5, prune_every=1,

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 import loraprune
-from loraprune.archs import UnsupportedArchitectureError
-from loraprune.checkpoint import CheckpointError
 from loraprune.errors import DataError, NonFiniteLossError
-from loraprune.groups import layer_projection_params
-from loraprune.lora import LoRALinear
+from loraprune.model.lora import LoRALinear
+from loraprune.run.checkpoint import CheckpointError
+from loraprune.structure.archs import UnsupportedArchitectureError
+from loraprune.structure.groups import layer_projection_params
 from tiny import random_batches, tiny_model
 
 
@@ -114,7 +114,7 @@ def test_text_data_with_tokenizer():
     import pathlib
     import tempfile
 
-    from loraprune.reference import train_tokenizer
+    from loraprune.apps.toy_shakespeare import train_tokenizer
 
     text = "the quick brown fox jumps over the lazy dog. " * 200
     with tempfile.TemporaryDirectory() as d:

@@ -92,8 +92,8 @@ def test_pruning_an_already_pruned_model_counts_against_the_model_given():
 
 
 def test_callback_finalize_saves_the_masks_it_cut_when_training_stops_early():
-    from loraprune.callback import LoRAPruneCallback
-    from loraprune.schedule import CubicSchedule
+    from loraprune.method.schedule import CubicSchedule
+    from loraprune.run.callback import LoRAPruneCallback
 
     pruner = loraprune.LoRAPruner(tiny_model(), ratio=0.5, schedule=CubicSchedule(0, 10, 1), lora_dropout=0.0,
                                   ranking="layer")

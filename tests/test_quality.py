@@ -8,10 +8,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loraprune
-from loraprune.corpora import load_texts, shakespeare_split
+from loraprune.apps.toy_shakespeare import train_tokenizer
+from loraprune.data.corpora import load_texts, shakespeare_split
+from loraprune.data.windows import text_windows
 from loraprune.eval import perplexity
-from loraprune.reference import train_tokenizer
-from loraprune.windows import text_windows
 
 pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles
 

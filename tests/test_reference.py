@@ -1,13 +1,11 @@
-"""Tests for loraprune.reference: data split, tokenizer, tiny deterministic training, cache."""
+"""Tests for loraprune.apps.toy_shakespeare: data split, tokenizer, tiny deterministic training, cache."""
 import json
 
 import pytest
 import torch
 
-from loraprune import corpora
-from loraprune import reference as ref
-from loraprune.corpora import HELDOUT_FILES, SAMPLE_DIR, resolve_data_dir, shakespeare_split
-from loraprune.reference import (
+from loraprune.apps import toy_shakespeare as ref
+from loraprune.apps.toy_shakespeare import (
     PRESETS,
     TrainSettings,
     load_or_train_reference,
@@ -15,7 +13,9 @@ from loraprune.reference import (
     reference_config,
     train_tokenizer,
 )
-from loraprune.windows import text_windows, token_stream
+from loraprune.data import corpora
+from loraprune.data.corpora import HELDOUT_FILES, SAMPLE_DIR, resolve_data_dir, shakespeare_split
+from loraprune.data.windows import text_windows, token_stream
 
 TINY = TrainSettings(
     vocab_size=384,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import loraprune
-from loraprune.allocation import allocate
-from loraprune.groups import build_layer_groups, layer_projection_params
-from loraprune.state import PruningState
+from loraprune.method.allocation import allocate
+from loraprune.method.state import PruningState
+from loraprune.structure.groups import build_layer_groups, layer_projection_params
 from tiny import random_batches, tiny_model
 
 
@@ -117,7 +117,7 @@ def test_prune_with_round_to_gives_multiples_and_the_ratio(ranking):
 
 @pytest.mark.parametrize("width,want", [(512, 32), (1536, 32), (11008, 32), (64, 1), (480, 1), (528, 1)])
 def test_the_default_block_is_32_where_every_mlp_has_16_blocks_of_32(width, want):
-    from loraprune.allocation import resolve_round_to
+    from loraprune.method.allocation import resolve_round_to
 
     layers = build_layer_groups(tiny_model(num_hidden_layers=2, intermediate_size=width))
     assert resolve_round_to(None, layers) == want

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import loraprune
-from loraprune.engine import LoRAPruner
+from loraprune.run.engine import LoRAPruner
 from tiny import random_batches, tiny_model
 
 

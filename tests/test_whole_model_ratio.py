@@ -3,8 +3,8 @@ beside the decoder-projection share, against a hand count from the config and th
 import pytest
 
 import loraprune
-from loraprune.io import inspect_dir
-from loraprune.report import PruneReport
+from loraprune.export.load import inspect_dir
+from loraprune.run.report import PruneReport
 from tiny import random_batches, tiny_model
 
 V, H, HEADS, KV, HD, INTER, LAYERS = 97, 32, 4, 2, 8, 48, 2

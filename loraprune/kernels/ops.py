@@ -7,13 +7,7 @@ import torch
 
 from . import torch_ops
 from .backend import resolve_backend, use_backend
-from .validation import (
-    check_float,
-    check_lora_factors,
-    check_same_device,
-    check_shape,
-    index_vector,
-)
+from .validation import check_float, check_lora_factors, check_same_device, check_shape, index_vector
 
 
 def _triton_module(name: str):

@@ -1,0 +1,1 @@
+"""Programs: the command line, the demo, the toy Shakespeare model the demo falls back to."""

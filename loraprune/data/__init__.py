@@ -1,0 +1,1 @@
+"""Text in, token batches out: files, corpora, windows, batches, the shipped samples."""

@@ -1,0 +1,1 @@
+"""What is decided: importance criteria, allocation, pruning state, schedule, losses. No I/O."""

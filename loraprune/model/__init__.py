@@ -1,0 +1,1 @@
+"""What loraprune adds to or toggles on a model: LoRA layers, distributed wrappers, recompute."""

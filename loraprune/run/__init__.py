@@ -1,0 +1,1 @@
+"""The drivers: the LoRAPruner engine, prune(), the Trainer callback, checkpoints, one-shot."""

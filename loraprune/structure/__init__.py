@@ -1,0 +1,1 @@
+"""What can be pruned: architectures, groups, masks. Reads a model, changes nothing."""
