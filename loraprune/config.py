@@ -305,3 +305,22 @@ def options_markdown() -> str:
     for name, default, help_text in PruneConfig.fields_help():
         rows.append(f"| `{name}` | `{default!r}` | {help_text.replace('|', chr(92) + '|')} |")
     return "\n".join(rows)
+
+
+def cli_options_markdown() -> str:
+    """The CLI doc's table of ``loraprune prune`` flags, generated from the fields (a test keeps it in sync).
+
+    A field is a flag unless its metadata says ``cli=False``: ``--field-name`` as the CLI builds it
+    (booleans also as ``--no-field-name``), its default (booleans on/off, None as ``none``) and its choices."""
+    def typed(value):
+        return "none" if value is None else ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+    rows = ["| flag | default | choices |", "|---|---|---|"]
+    for f in fields(PruneConfig):
+        if f.metadata.get("cli", True):
+            flag = f.name.replace("_", "-")
+            flag = f"--[no-]{flag}" if str(f.type) in ("bool", "bool | None") else f"--{flag}"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = ", ".join(f"`{typed(c)}`" for c in f.metadata.get("choices") or ())
+            rows.append(f"| `{flag}` | `{typed(default)}` | {choices} |")
+    return "\n".join(rows)
