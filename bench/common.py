@@ -220,9 +220,12 @@ def stats_summary(values: list[float]) -> dict:
     }
 
 
-def importance_eager_fp32(weight, lora_A, lora_B, grad_A, grad_B, scaling, square=False):
-    """The eager fp32 computation a PEFT user writes today (forms G and B A, out x in each)."""
-    W, A, B, gA, gB = (t.float() for t in (weight, lora_A, lora_B, grad_A, grad_B))
+def importance_eager_fp32(weight, lora_A, lora_B, grad_A, grad_B, scaling, square=False, dtype=torch.float32):
+    """The eager computation a PEFT user writes today (forms G and B A, out x in each), in ``dtype``.
+
+    In fp32 it is the benchmarks' baseline; in fp64 the kernels' test oracle
+    (``tests/kernel_oracles.importance_ref``): the plain formula has one home."""
+    W, A, B, gA, gB = (t.to(dtype) for t in (weight, lora_A, lora_B, grad_A, grad_B))
     G = gB @ A + B @ gA - gB @ gA
     S = G * (W + scaling * (B @ A))
     S = S * S if square else S.abs()

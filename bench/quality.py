@@ -102,7 +102,7 @@ def _log(msg: str) -> None:
 def run(setup: BenchSetup, settings: dict, resume: bool = True, log=_log) -> dict:
     from loraprune.data.batches import text_batches
     from loraprune.data.windows import cut_windows, token_stream
-    from loraprune.run import prune
+    from loraprune import prune
     from loraprune.run.oneshot import oneshot_prune
 
     out_path = setup.out / "quality.json"

@@ -5,6 +5,8 @@ on a GPU. The eager fp32 baseline the benchmarks time lives in ``bench/common.py
 """
 import torch
 
+from bench.common import importance_eager_fp32  # the plain formula, here in fp64
+
 # max |got - ref| allowed, relative to max |ref|, per storage dtype
 REL_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -31,11 +33,7 @@ def lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias=None, keep=None):
 
 
 def importance_ref(weight, lora_A, lora_B, grad_A, grad_B, scaling, square=False):
-    W, A, B, gA, gB = (t.double() for t in (weight, lora_A, lora_B, grad_A, grad_B))
-    G = gB @ A + B @ gA - gB @ gA
-    S = G * (W + scaling * (B @ A))
-    S = S * S if square else S.abs()
-    return S.sum(1), S.sum(0)
+    return importance_eager_fp32(weight, lora_A, lora_B, grad_A, grad_B, scaling, square, dtype=torch.float64)
 
 
 def merge_gather_ref(weight, lora_A, lora_B, scaling, rows=None, cols=None):

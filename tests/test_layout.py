@@ -226,3 +226,21 @@ def test_cycle_finder_finds_a_lazy_cycle(tmp_path):
     path.write_text("def f():\n    from .apps.toy_shakespeare import x\nif TYPE_CHECKING:\n    from .run.engine import y\n")
     known = {"loraprune.apps.toy_shakespeare", "loraprune.run.engine"}
     assert _imported("loraprune.eval", path, known) == {"loraprune.apps.toy_shakespeare"}
+
+
+def test_every_error_class_lives_in_errors_py():
+    """One home for the error family: importing every module defines no LoRAPruneError subclass elsewhere."""
+    import importlib
+
+    from loraprune.errors import LoRAPruneError
+
+    for module in package_modules():
+        importlib.import_module(module)
+    found, todo = [], [LoRAPruneError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    elsewhere = sorted(f"{c.__module__}.{c.__qualname__}" for c in found if not c.__module__.startswith("loraprune.errors"))
+    elsewhere = [name for name in elsewhere if name.startswith("loraprune.")]  # tests may subclass for their own use
+    assert len(found) >= 15 and not elsewhere, elsewhere

@@ -95,3 +95,15 @@ def test_bad_task_requests_are_refused(setup, capsys):
     assert main(["eval", "--model", "x"]) == 2
     err = capsys.readouterr().err
     assert "--data" in err and "--tasks" in err
+
+
+def test_a_model_path_that_is_wrong_gets_a_library_error_not_a_flag(tmp_path):
+    """From Python, the loader's error names the argument, never a command-line flag the caller did not pass."""
+    from loraprune.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"model='\./no/such/model' does not exist; pass a model directory") as err:
+        loraprune.eval.lm_eval_tasks("./no/such/model", tasks=["piqa"])
+    assert "--" not in str(err.value)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="is a file, not a model directory"):
+        loraprune.eval.lm_eval_tasks(str(tmp_path / "weights.bin"), tasks=["piqa"])
