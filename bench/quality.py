@@ -100,9 +100,9 @@ def _log(msg: str) -> None:
 
 
 def run(setup: BenchSetup, settings: dict, resume: bool = True, log=_log) -> dict:
+    from loraprune import prune
     from loraprune.data.batches import text_batches
     from loraprune.data.windows import cut_windows, token_stream
-    from loraprune import prune
     from loraprune.run.oneshot import oneshot_prune
 
     out_path = setup.out / "quality.json"
