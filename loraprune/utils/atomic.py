@@ -41,7 +41,6 @@ from .paths import as_path, check_output_dir, output_error
 STALE_AFTER_S = 24 * 3600  # a temporary sibling this old is stale even if a process with its pid is alive
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 TEMP_PATTERN = re.compile(r"\.(?P<name>.+)\.loraprune-tmp-(?P<pid>\d+)-(?P<host>[0-9a-f]{6})-[0-9a-f]{8}")
-_LEGACY_PATTERN = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.(partial|tmp)")  # mkdtemp/mkstemp names of earlier versions
 
 
 def check_overwrite(overwrite) -> bool:
@@ -81,14 +80,13 @@ def sweep_stale(parent) -> list[Path]:
     now = time.time()
     for entry in entries:
         match = TEMP_PATTERN.fullmatch(entry.name)
-        if match is None and not _LEGACY_PATTERN.fullmatch(entry.name):
+        if match is None:  # not ours (earlier versions' .partial/.tmp names are left alone: other tools use them too)
             continue
         try:
             age = now - entry.stat(follow_symlinks=False).st_mtime
         except OSError:
             continue
-        dead = (match is not None and match["host"] == _HOST and int(match["pid"]) != os.getpid()
-                and not _alive(int(match["pid"])))
+        dead = match["host"] == _HOST and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"]))
         if not dead and age < STALE_AFTER_S:
             continue
         path = Path(entry.path)
@@ -101,7 +99,7 @@ def sweep_stale(parent) -> list[Path]:
     return removed
 
 
-def _through_link(path: Path, overwrite: bool, what: str) -> Path:
+def _through_link(path: Path, overwrite: bool) -> Path:
     """The path to write: ``path`` itself, or with ``overwrite`` what a symlink there names.
 
     Without ``overwrite`` a symlink (dangling or not) is an existing output: refused."""
@@ -120,7 +118,7 @@ def _through_link(path: Path, overwrite: bool, what: str) -> Path:
 def check_target(out_dir: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output directory that exists and is not empty (unless ``overwrite``)."""
     check_overwrite(overwrite)
-    out_dir = _through_link(Path(out_dir), overwrite, "the output directory")
+    out_dir = _through_link(Path(out_dir), overwrite)
     check_output_dir(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out_dir} exists and is not empty; choose another directory or pass overwrite=True")
@@ -228,7 +226,7 @@ def atomic_directory(out_dir, overwrite: bool = False):
     """
     out_dir = as_path(out_dir, "the output directory")
     check_overwrite(overwrite)
-    out_dir = _through_link(out_dir, overwrite, "the output directory")
+    out_dir = _through_link(out_dir, overwrite)
     recover_interrupted_swap(out_dir)
     check_target(out_dir, overwrite)
     try:
@@ -261,7 +259,7 @@ def atomic_file(path, overwrite: bool = True):
     """
     path = as_path(path, "the output file")
     check_overwrite(overwrite)
-    path = _through_link(path, overwrite, "the output file")
+    path = _through_link(path, overwrite)
     if os.path.lexists(path) and not overwrite:
         raise OutputExistsError(f"{path} exists; choose another file name or pass overwrite=True")
     try:
