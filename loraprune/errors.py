@@ -37,6 +37,12 @@ class OutputExistsError(OutputPathError, FileExistsError):
     """The output path is taken (a file, or a directory holding other files); the message names the fix."""
 
 
+class AdapterError(LoRAPruneError):
+    """The model carries an adapter loraprune cannot continue (a PEFT adapter other than one plain LoRA,
+    ``modules_to_save``, or a :class:`~loraprune.run.engine.LoRAPruner` already attached); refused before
+    the model is touched, the message names the fix (e.g. ``merge_and_unload()``)."""
+
+
 class UnsupportedArchitectureError(LoRAPruneError):
     """The model's architecture has no group definition in :data:`loraprune.structure.archs.ARCHS`."""
 

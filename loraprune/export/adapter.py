@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from ..errors import PrunedModelError
 from ..model.lora import LoRALinear
-from ..utils.atomic import atomic_directory
+from ..utils.atomic import atomic_directory, check_target
+from ..utils.paths import as_path
 from .save import save_pruned
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -106,7 +107,8 @@ def export_adapter(model: nn.Module, out_dir, *, overwrite: bool = False, tokeni
         )
     if not (getattr(model.config, "loraprune", None) or {}).get("layers"):
         raise PrunedModelError("the model has no config.loraprune block: it was not compacted by loraprune")
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir, "out_dir")
+    check_target(out_dir, overwrite)  # before any work: a wrong overwrite, a taken name, a symlink
     original_class = type(model)
     original_architectures = getattr(model.config, "architectures", None)
     with atomic_directory(out_dir, overwrite) as tmp:

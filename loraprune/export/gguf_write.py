@@ -109,16 +109,23 @@ def check_gguf_path(path, overwrite: bool = False) -> Path:
     folder that will hold it is checked as every output directory is
     (:func:`loraprune.utils.paths.check_output_dir`: not a file, writable).
     """
+    import os
+
     from ..errors import OutputExistsError
+    from ..utils.atomic import check_overwrite
     from ..utils.paths import as_path, check_output_dir
 
     path = as_path(path, "the GGUF path")
+    check_overwrite(overwrite)
     if path.suffix.lower() != ".gguf":
         raise GGUFExportError(f"{path} does not end in .gguf; name the output file like model.gguf")
     if path.is_dir():
         raise OutputExistsError(f"{path} is a directory; pass the path of a .gguf file to write")
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # a symlink, even a dangling one, is an existing file
         raise OutputExistsError(f"{path} exists; choose another file name or pass overwrite=True (--overwrite)")
+    if overwrite and path.is_symlink() and not path.exists():
+        raise OutputExistsError(f"{path} is a symlink to {os.path.realpath(path)}, which does not exist; remove the "
+                                "link or write to that path directly")
     check_output_dir(path.parent, "the GGUF file's folder")
     return path
 

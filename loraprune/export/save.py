@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..errors import PrunedModelError
 from ..model.lora import LoRALinear, is_peft_lora_layer, unwrap_compiled
 from ..utils.atomic import atomic_directory, check_target
-from ..utils.paths import as_path
+from ..utils.paths import as_path, check_file_name
 from .classes import attach_export
 from .gguf_read import forget_gguf_origin
 
@@ -118,6 +118,7 @@ def _check_extra_json(extra_json) -> None:
     if not isinstance(extra_json, dict) or not all(isinstance(k, str) and k for k in extra_json):
         raise TypeError(f"extra_json must be a dict of {{file name: JSON-able payload}}, got {extra_json!r:.80}")
     for name, payload in extra_json.items():
+        check_file_name(name, "extra_json")
         try:
             json.dumps(payload)
         except (TypeError, ValueError) as err:

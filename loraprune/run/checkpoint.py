@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..utils.atomic import atomic_directory
+from ..utils.atomic import atomic_directory, sweep_stale
 
 FORMAT = 1
 
@@ -323,6 +323,7 @@ class Checkpointer:
     def complete(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
+        sweep_stale(self.dir)  # a checkpoint write killed half-way left a temporary sibling
         return sorted(p for p in self.dir.glob("step-*") if (p / "meta.json").is_file() and (p / "state.safetensors").is_file())
 
     def restore(self, pruner, optimizer) -> int:

@@ -32,6 +32,7 @@ from ..method.schedule import CubicSchedule
 from ..method.state import PruningState
 from ..model.distributed import all_ranks, is_sharded, local
 from ..model.lora import LoRALinear, is_peft_lora_layer, unwrap_peft, wrap_linear
+from ..model.peft_inputs import check_adapters
 from ..structure.archs import arch_for, decoder_layers, get_submodule, layer_projections
 from ..structure.groups import build_layer_groups, layer_projection_params, removed_params
 from ..structure.masks import Masks
@@ -54,6 +55,7 @@ class LoRAPruner:
                  **overrides):
         cfg = PruneConfig.from_kwargs(config, **overrides)  # also LoRAPruner(model, 0.5)
         self.config = cfg
+        check_adapters(model)  # another adapter type, DoRA, modules_to_save, a pruner already attached
         self.model = unwrap_peft(model)
         # ---- plan (reads the model, changes nothing) ----
         if any(p.is_meta for p in self.model.parameters()):
@@ -66,8 +68,17 @@ class LoRAPruner:
             shapes = {(lg.n_kv, lg.n_channels) for lg in self.layers}
             if len(shapes) > 1:
                 raise ConfigError(f"uniform=True needs layers of one shape; this model's layers have widths {sorted(shapes)}")
-        smallest = min(min(m.weight.shape) for layer in decoder_layers(self.model, self.spec)
-                       for m in layer_projections(layer, self.spec).values())
+        projections = [m for layer in decoder_layers(self.model, self.spec)
+                       for m in layer_projections(layer, self.spec).values()]
+        ids = {id(m) for m in projections}
+        leftover = [n for n, m in self.model.named_modules() if is_peft_lora_layer(m) and id(m) not in ids]
+        if leftover:
+            raise ConfigError(
+                f"the PeftModel has LoRA layers outside the decoder projections ({', '.join(leftover[:4])}); "
+                "loraprune continues adapters on q/k/v/o/gate/up/down only. Merge the others first "
+                "(e.g. peft_model.merge_and_unload()) or target only the projections"
+            )
+        smallest = min(min(m.weight.shape) for m in projections)
         if cfg.lora_r > smallest:
             raise ConfigError(f"lora_r={cfg.lora_r} is larger than the smallest projection dimension ({smallest}); a "
                               f"rank above it adds nothing: use lora_r <= {smallest}")
@@ -95,16 +106,13 @@ class LoRAPruner:
         self._saved_requires_grad = {id(p): p.requires_grad for p in self.model.parameters()}
         self._given_config = self.model.config  # finalize() gives the pruned model a copy
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
-        self.modules = self._inject_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.seed)
-        leftover = [n for n, m in self.model.named_modules() if is_peft_lora_layer(m)]
-        if leftover:
+        self.modules: list[dict[str, LoRALinear]] = []
+        try:  # any failure from the first change on puts the model back before the error leaves
+            self.modules = self._inject_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.seed)
+            self.importance.attach(self)
+        except BaseException:
             self.restore()
-            raise ConfigError(
-                f"the PeftModel has LoRA layers outside the decoder projections ({', '.join(leftover[:4])}); "
-                "loraprune continues adapters on q/k/v/o/gate/up/down only. Merge the others first "
-                "(e.g. peft_model.merge_and_unload()) or target only the projections"
-            )
-        self.importance.attach(self)
+            raise
 
     @property
     def criterion(self) -> str:
@@ -332,16 +340,22 @@ class LoRAPruner:
                                  "freshly loaded model")
         self.reach_target()
         report = self.report()
-        self.importance.detach(self)
         # the pruned model gets its own config: the user's config object (shared
         # with other models built from it) must not shrink with this one
-        self.model.config = copy.deepcopy(self.model.config)
+        config = self.model.config
+        self.model.config = copy.deepcopy(config)
         masks = self.state.masks
         if self.progressive:  # the kept groups already form each layer's prefix, in original order
             masks = Masks([torch.arange(lg.n_kv) < int(a.sum()) for lg, a in zip(self.layers, masks.attn_keep)],
                           [torch.arange(lg.n_channels) < int(m.sum()) for lg, m in zip(self.layers, masks.mlp_keep)])
-        self._finalized = True  # from here on the model is being cut: restore() has nothing to put back
-        model = forget_gguf_origin(compact(self.model, masks, self.spec, merge=merge))  # no file's weights now
+        try:  # compact() completes or puts every layer back: then restore() or another finalize() still works
+            model = compact(self.model, masks, self.spec, merge=merge)
+        except BaseException:
+            self.model.config = config
+            raise
+        self._finalized = True  # the model is cut: restore() has nothing to put back
+        self.importance.detach(self)  # its hooks and flags were on the layers just replaced
+        model = forget_gguf_origin(model)  # no file's weights now
         model.loraprune_masks = self.state.masks.clone()  # kept indices of the original model
         self._replaced = []
         report.attach(model.config)

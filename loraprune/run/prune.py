@@ -26,6 +26,7 @@ from ..export.gguf_read import check_dense
 from ..method.loss import trained_tokens, training_loss
 from ..method.schedule import CubicSchedule
 from ..model.lora import unwrap_compiled, unwrap_peft
+from ..model.peft_inputs import check_adapters
 from ..model.recompute import gradient_checkpointing, resolve
 from ..structure.archs import arch_for
 from ..utils.paths import check_output_dir
@@ -111,6 +112,7 @@ def prune(model: nn.Module, data, config: PruneConfig | float | None = None, tok
         raise TypeError(f"model must be a transformers causal LM (or a PeftModel), got {type(model).__name__}")
     if on_step is not None and not callable(on_step):
         raise TypeError(f"on_step must be a function on_step(step, pruner, loss), got {type(on_step).__name__}")
+    check_adapters(model)  # an adapter loraprune cannot continue: refused before the data is read
     if cfg.checkpoint_dir:
         check_output_dir(cfg.checkpoint_dir, "checkpoint_dir")
     # the data is checked (and its first batch drawn) before the model is touched

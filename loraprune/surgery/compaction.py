@@ -11,6 +11,14 @@ The compacted model computes exactly what the masked model computed: a
 removed KV group's q/k/v rows were producing zeros and its o_proj columns
 were reading zeros; a removed MLP channel's gate/up rows gave
 ``act(0)·0 = 0`` into its down column.
+
+Compaction completes or puts the model back: each new projection is swapped in
+as soon as it is built, and the one it replaces is parked in host memory (a
+no-op on CPU) until the whole model is cut; a failure anywhere (an
+out-of-memory error at layer k) swaps every original back onto its device, so
+the model, its LoRA factors and masks are exactly as before and the caller can
+restore or retry (:class:`_Journal`). Parking also keeps the originals out of
+the accelerator's peak: at most one layer's new projections are there beside them.
 """
 from __future__ import annotations
 
@@ -61,12 +69,70 @@ def gather_lora(module: LoRALinear, rows: torch.Tensor | None = None, cols: torc
     return LoRALinear(base, r=module.r, dropout=module.dropout, lora_A=A, lora_B=B, scaling=module.scaling)
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every :class:`LoRALinear` by a plain ``nn.Linear`` with LoRA merged."""
+class _Journal:
+    """The swaps and attribute writes of one compaction, undone in reverse if it fails.
+
+    A replaced module is moved to the host (``park``) and moved back on undo;
+    parameters keep their identity through ``Module.to``, so an optimiser (or a
+    pruner) holding the LoRA factors sees the same tensors afterwards.
+    """
+
+    def __init__(self):
+        self._undo: list = []
+
+    def swap(self, parent: nn.Module, name: str, new: nn.Module) -> None:
+        old = getattr(parent, name)
+        setattr(parent, name, new)
+        self._undo.append(("swap", parent, name, old, _park(old)))
+
+    def set(self, obj, name: str, value) -> None:
+        self._undo.append(("attr", obj, name, obj.__dict__.get(name, _MISSING), None))
+        setattr(obj, name, value)
+
+    def undo(self) -> None:
+        for kind, obj, name, old, device in reversed(self._undo):
+            if kind == "swap":
+                if device is not None:
+                    old.to(device)
+                setattr(obj, name, old)
+            elif old is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, old)
+        self._undo = []
+
+
+_MISSING = object()
+
+
+def _park(module: nn.Module) -> torch.device | None:
+    """Move a replaced module's tensors to the host; returns the device to move them back to
+    (None: already on the host, or sharded tensors that are left where they are)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    if not tensors or any(hasattr(t, "device_mesh") for t in tensors):
+        return None
+    device = tensors[0].device
+    if device.type in ("cpu", "meta") or any(t.device != device for t in tensors):
+        return None
+    module.to("cpu")
+    return device
+
+
+def _merge_rest(model: nn.Module, journal: _Journal) -> None:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
-                setattr(module, child_name, compact_linear(child))
+                journal.swap(module, child_name, compact_linear(child))
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every :class:`LoRALinear` by a plain ``nn.Linear`` with LoRA merged (all or none of them)."""
+    journal = _Journal()
+    try:
+        _merge_rest(model, journal)
+    except BaseException:
+        journal.undo()
+        raise
     return model
 
 
@@ -97,31 +163,48 @@ def compact(model: nn.Module, masks: Masks, spec: ArchSpec | None = None, merge:
             )
         if not a_keep.any() or not m_keep.any():
             raise ValueError(f"layer {lg.layer}: a mask removes every group; keep at least one head group and one channel")
-    for layer_module, lg, a_keep, m_keep in zip(decoder_layers(model, spec), layers, masks.attn_keep, masks.mlp_keep):
-        proj = layer_projections(layer_module, spec)
-        attn = get_submodule(layer_module, spec.attn)
-        mlp = get_submodule(layer_module, spec.mlp)
-        slices = lg.kept_slices(spec, a_keep, m_keep)
-        for name, (rows, cols) in slices.items():
-            parent, module = (attn if name in spec.attn_projections else mlp), proj[name]
-            keep_lora = not merge and isinstance(module, LoRALinear)
-            setattr(parent, name, gather_lora(module, rows, cols) if keep_lora else compact_linear(module, rows, cols))
-        _update_module_attrs(attn, mlp, lg, int(a_keep.sum()), int(m_keep.sum()))
-    if merge:
-        merge_lora(model)  # any LoRA layer outside the decoder projections
-    record_widths(model.config, masks, layers)
-    model.loraprune_masks = masks.clone()
-    return model
+    journal = _Journal()
+    config = model.config
+    saved_config = dict(vars(config))
+    try:
+        for layer_module, lg, a_keep, m_keep in zip(decoder_layers(model, spec), layers, masks.attn_keep,
+                                                    masks.mlp_keep):
+            _compact_layer(journal, layer_module, lg, spec, a_keep, m_keep, merge)
+        if merge:
+            _merge_rest(model, journal)  # any LoRA layer outside the decoder projections
+        record_widths(config, masks, layers)
+        journal.set(model, "loraprune_masks", masks.clone())
+    except BaseException:
+        journal.undo()
+        vars(config).clear()
+        vars(config).update(saved_config)
+        raise
+    return model  # the journal goes: the parked originals are freed unless the caller holds them
 
 
-def _update_module_attrs(attn: nn.Module, mlp: nn.Module, lg: LayerGroups, kv: int, channels: int) -> None:
+def _compact_layer(journal: _Journal, layer_module: nn.Module, lg: LayerGroups, spec: ArchSpec,
+                   a_keep: torch.Tensor, m_keep: torch.Tensor, merge: bool) -> None:
+    """Build one decoder layer's pruned projections and swap each in (the original is parked)."""
+    proj = layer_projections(layer_module, spec)
+    attn = get_submodule(layer_module, spec.attn)
+    mlp = get_submodule(layer_module, spec.mlp)
+    slices = lg.kept_slices(spec, a_keep, m_keep)
+    for name, (rows, cols) in slices.items():
+        parent, module = (attn if name in spec.attn_projections else mlp), proj[name]
+        keep_lora = not merge and isinstance(module, LoRALinear)
+        journal.swap(parent, name, gather_lora(module, rows, cols) if keep_lora else compact_linear(module, rows, cols))
+    _update_module_attrs(attn, mlp, lg, int(a_keep.sum()), int(m_keep.sum()), journal)
+
+
+def _update_module_attrs(attn: nn.Module, mlp: nn.Module, lg: LayerGroups, kv: int, channels: int,
+                         journal: _Journal) -> None:
     """Keep width attributes that some transformers versions read in sync."""
     if hasattr(attn, "num_heads"):
-        attn.num_heads = kv * lg.q_per_kv
+        journal.set(attn, "num_heads", kv * lg.q_per_kv)
     if hasattr(attn, "num_key_value_heads"):
-        attn.num_key_value_heads = kv
+        journal.set(attn, "num_key_value_heads", kv)
     if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = channels
+        journal.set(mlp, "intermediate_size", channels)
 
 
 def layer_widths(masks: Masks, layers: list[LayerGroups]) -> list[dict]:

@@ -84,6 +84,19 @@ def check_output_dir(path, what: str = "the output directory") -> Path:
     return path
 
 
+def check_file_name(name: str, what: str) -> str:
+    """A file name given by the caller for a file inside an output folder: a plain name, never a path.
+
+    ``../x.json``, ``/abs/x.json``, ``sub/x.json``, ``..`` or a name with a NUL would write outside the
+    folder (or fail half-way); they are refused before anything is written."""
+    seps = {"/", "\\"} | {s for s in (os.sep, os.altsep) if s}
+    if (not isinstance(name, str) or not name.strip() or name in (".", "..") or "\0" in name
+            or any(s in name for s in seps) or os.path.isabs(name) or Path(name).drive):
+        raise _error(errno.EINVAL, f"{what} names {name!r}, which is not a plain file name inside the output "
+                                   "folder; use a name without a folder part (e.g. 'notes.json')")
+    return name
+
+
 PATH_SUFFIXES = (".txt", ".jsonl", ".json", ".gguf", ".safetensors", ".bin")
 
 
