@@ -190,7 +190,7 @@ def read_gguf_header(path) -> GGUFInfo:
         n_kv = cur.scalar("<Q", "the metadata count")
         # each tensor entry takes at least 8+4+8+4+8 bytes, each key/value at least 8+4+1
         if n_tensors * 32 > size or n_kv * 13 > size:
-            raise GGUFError(f"{path} is corrupted: its header claims {n_tensors:,} tensors and {n_kv:,} metadata "
+            raise GGUFError(f"{path} is truncated or corrupted: its header claims {n_tensors:,} tensors and {n_kv:,} metadata "
                             f"entries, more than a file of {size:,} bytes can hold; {REDO}")
         info = GGUFInfo(path, version, size)
         for i in range(n_kv):
@@ -259,6 +259,10 @@ def _check_model(info: GGUFInfo) -> None:
     if n_layers == 0 or n_embd == 0 or n_head == 0:
         raise GGUFError(f"{info.path}: {arch}.block_count={n_layers}, embedding_length={n_embd}, "
                         f"attention.head_count={n_head}: not a usable model; {REDO}")
+    held = {int(n.split(".")[1]) for n in info.tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if n_layers > max(held, default=-1) + 1:  # compared, not enumerated: the header may claim 10**9 layers
+        raise GGUFError(f"{info.path}: {arch}.block_count says {n_layers:,} layers, the file holds tensors of "
+                        f"{len(held)}; the file is incomplete or its header corrupted: {REDO}")
     needed = ["token_embd.weight", "output_norm.weight"]
     per_layer = LAYER_TENSORS + EXTRA_LAYER_TENSORS.get(arch, ())
     needed += [f"blk.{i}.{t}.weight" for i in range(n_layers) for t in per_layer]
