@@ -24,8 +24,9 @@ _CACHE: dict[str, object] = {}
 
 
 # ---------------------------------------------------------------- GGUF files
-def _write(path: Path, omit=(), override=None) -> Path:
-    """The tiny GGUF, written without the keys/tensors in ``omit`` and with ``override`` = {key: (value, type)}."""
+def _write(path: Path, omit=(), override=None, extra=None) -> Path:
+    """The tiny GGUF, written without the keys/tensors in ``omit``, with ``override`` = {key: (value, type)}
+    and with the keys of ``extra`` (same form) added."""
     import gguf
 
     from gguf_file import write_tiny_gguf
@@ -45,6 +46,11 @@ def _write(path: Path, omit=(), override=None) -> Path:
             if name in omit or any(name.startswith(o) for o in omit if o.endswith(".")):
                 return
             super().add_tensor(name, tensor, *args, **kwargs)
+
+        def write_header_to_file(self, *args, **kwargs):
+            for key, (val, vtype) in (extra or {}).items():
+                super().add_key_value(key, val, vtype)
+            super().write_header_to_file(*args, **kwargs)
 
     with mock.patch.object(gguf, "GGUFWriter", Filtered):
         write_tiny_gguf(path)
@@ -97,10 +103,10 @@ def _first_kv(part: str, value):
     return edit
 
 
-def _gguf_case(omit=(), override=None, **kw):
-    """A case: write the tiny GGUF without/with changed keys or tensors, and load it."""
+def _gguf_case(omit=(), override=None, extra=None, **kw):
+    """A case: write the tiny GGUF without/with changed or added keys or tensors, and load it."""
     def call(tmp_path):
-        return load_gguf(_write(tmp_path / "m.gguf", omit, override), **kw)
+        return load_gguf(_write(tmp_path / "m.gguf", omit, override, extra), **kw)
     return call
 
 
@@ -206,6 +212,17 @@ CASES = [
          r"gpt2 \(byte-level BPE\) tokenizer has no tokenizer\.ggml\.merges"),
     Case("gguf-read-tokenizer-model-number", _gguf_case(override={"tokenizer.ggml.model": _u32(2)}),
          r"tokenizer\.ggml\.model is 2, not a name"),
+    # ---- the vocabulary size: stated, and the embeddings' (else transformers re-initialises them at random)
+    Case("gguf-read-no-vocab-size", _gguf_case(omit=TOKENIZER_KEYS, tokenizer=False),
+         r"states no vocabulary size \(neither llama\.vocab_size nor tokenizer\.ggml\.tokens\).*at random"),
+    Case("gguf-read-vocab-size-disagrees", _gguf_case(extra={"llama.vocab_size": _u32(300)}),
+         r"llama\.vocab_size is 300 but tokenizer\.ggml\.tokens holds 260 tokens"),
+    Case("gguf-read-vocab-size-not-the-embeddings", _gguf_case(omit=TOKENIZER_KEYS, tokenizer=False,
+                                                               extra={"llama.vocab_size": _u32(300)}),
+         r"token_embd\.weight has shape \[32, 260\].*300 rows \(the vocabulary size\)"),
+    Case("gguf-read-vocab-size-string", _gguf_case(omit=TOKENIZER_KEYS, tokenizer=False,
+                                                   extra={"llama.vocab_size": _typed("260", "STRING")}),
+         r"llama\.vocab_size is '260', not a count"),
     # ---- dtype: a torch floating-point dtype
     Case("gguf-read-dtype-f16-string", lambda p: load_gguf(p / "m.gguf", dtype="f16"),
          r"dtype='f16' is not a torch dtype \(did you mean torch\.float16\?\)", raises=GGUFError),

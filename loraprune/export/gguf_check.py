@@ -238,6 +238,29 @@ def _int_field(info: GGUFInfo, key: str):
     raise GGUFError(f"{info.path}: {key} is {shown}, not a count; the header is corrupted: {REDO}")
 
 
+def _vocab_size(info: GGUFInfo, arch: str) -> int:
+    """The vocabulary size the file states: ``{arch}.vocab_size``, else the length of its token list.
+
+    transformers takes it from there; a file stating neither gets a default size (32000 for LLaMA) and
+    embeddings re-initialised at random, so it is refused.
+    """
+    key = f"{arch}.vocab_size"
+    tokens = info.fields.get("tokenizer.ggml.tokens")
+    counts = {}
+    if key in info.fields:
+        counts[key] = _int_field(info, key)
+    if isinstance(tokens, ArrayValue):
+        counts["tokenizer.ggml.tokens"] = tokens.count
+    if not counts:
+        raise GGUFError(f"{info.path} states no vocabulary size (neither {key} nor tokenizer.ggml.tokens): transformers "
+                        "would assume a default size and re-initialise the embeddings at random; write the file with "
+                        f"its tokenizer or {key}: {REDO}")
+    if len(set(counts.values())) > 1 or isinstance(counts.get(key), list):
+        raise GGUFError(f"{info.path}: {key} is {counts.get(key)} but tokenizer.ggml.tokens holds "
+                        f"{counts.get('tokenizer.ggml.tokens')} tokens; the header is inconsistent: {REDO}")
+    return next(iter(counts.values()))
+
+
 def _check_model(info: GGUFInfo) -> None:
     arch = info.architecture
     if arch is None:
@@ -263,6 +286,7 @@ def _check_model(info: GGUFInfo) -> None:
     if n_layers > max(held, default=-1) + 1:  # compared, not enumerated: the header may claim 10**9 layers
         raise GGUFError(f"{info.path}: {arch}.block_count says {n_layers:,} layers, the file holds tensors of "
                         f"{len(held)}; the file is incomplete or its header corrupted: {REDO}")
+    n_vocab = _vocab_size(info, arch)
     needed = ["token_embd.weight", "output_norm.weight"]
     per_layer = LAYER_TENSORS + EXTRA_LAYER_TENSORS.get(arch, ())
     needed += [f"blk.{i}.{t}.weight" for i in range(n_layers) for t in per_layer]
@@ -295,6 +319,8 @@ def _check_model(info: GGUFInfo) -> None:
             want = f"{n_ff} rows ({arch}.feed_forward_length)"
         elif kind in ("attn_norm", "ffn_norm", "output_norm") and t.dims != (n_embd,):
             want = f"{n_embd} values ({arch}.embedding_length)"
+        elif kind in ("token_embd", "output") and t.dims[1] != n_vocab:
+            want = f"{n_vocab} rows (the vocabulary size)"
         if want:
             raise GGUFError(f"{info.path}: tensor {name} has shape {list(t.dims)}, where the header's widths need "
                             f"{want}; the file is inconsistent: {REDO}")
@@ -321,8 +347,8 @@ def check_gguf(path, model: bool = True, tokenizer: bool = True,
                                     "(loraprune CLI: --tokenizer DIR)") -> GGUFInfo:
     """Read and check a GGUF file's header: the file itself, then what a model and/or a tokenizer need."""
     info = read_gguf_header(path)
-    if model:
-        _check_model(info)
     if tokenizer:
         check_tokenizer_fields(info, tokenizer_fix)
+    if model:
+        _check_model(info)
     return info
