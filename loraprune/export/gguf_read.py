@@ -69,6 +69,10 @@ def _dequantize_config():
 def load_gguf(path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """``(model, tokenizer)`` from a GGUF file: every weight dequantized into a plain float model.
 
+    The file's header is checked first (:func:`loraprune.export.gguf_check.check_gguf`: an
+    intact file, the keys and every tensor the architecture needs, the tokenizer keys unless
+    ``tokenizer=False``): transformers would otherwise fail inside its reader, or fill a
+    missing tensor with random values. ``dtype`` is a floating-point torch dtype or its name.
     The tokenizer is rebuilt from the same file's metadata (``tokenizer=False``
     skips it and returns ``None``). The returned model carries no quantization
     markers: ``save_pretrained`` works on it, pruned or not. It remembers the
