@@ -156,3 +156,18 @@ def hf_greedy(model, prompt, n: int) -> list[int]:
     for _ in range(n):
         ids.append(int(logits(model, ids)[-1].argmax()))
     return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("layout", ["uniform", "per-layer"])
+@pytest.mark.parametrize("projection", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+def test_a_bias_on_any_projection_is_computed_by_llama_cpp(projection, layout, tok, tmp_path):
+    """llama.cpp's llama and deci graphs add each projection's bias (why save_gguf writes them all, issue 26)."""
+    attn = [[True, False]] * 2 if layout == "uniform" else [[False, True], [True, True]]
+    mlp = [[i < 32 for i in range(48)]] * 2 if layout == "uniform" else [[i < 5 for i in range(48)], [True] * 48]
+    model = compacted("llama", attn, mlp, len(tok), attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.5 if f".{projection}." in name else torch.zeros_like(p))
+    path = loraprune.save_gguf(model, tmp_path / "m.gguf", tok, dtype="f32")
+    assert max_diff(path, model, _ids(tok)) <= 1e-3

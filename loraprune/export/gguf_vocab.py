@@ -43,7 +43,11 @@ def copy_tokenizer(writer, source: Path, n_vocab: int) -> None:
     """Copy every ``tokenizer.*`` key of ``source`` as it is (raw bytes for strings)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(source))
+    try:  # the header was checked (gguf_check.check_gguf); this guards what that check cannot see
+        reader = gguf.GGUFReader(str(source))
+    except (ValueError, OSError, IndexError) as err:
+        raise TokenizerExportError(f"{source} cannot be read as a GGUF file ({type(err).__name__}: {err}); pass the "
+                                   "Hugging Face tokenizer instead, or an intact .gguf file") from err
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise TokenizerExportError(f"{source} holds no tokenizer (no tokenizer.ggml.tokens); pass the Hugging Face "

@@ -18,6 +18,8 @@ from ..errors import LoRAPruneError, PrunedModelError
 from ..structure.masks import Masks
 from ..utils.atomic import recover_interrupted_swap
 from ..utils.paths import as_path
+from .dtypes import check_load_dtype
+from .model_files import check_config_fields, check_index_tensors, check_required_tensors, weight_files
 from .modeling_loraprune import PER_LAYER_CLASSES
 from .save import MASKS_FILE
 
@@ -39,6 +41,10 @@ def read_config(path) -> dict:
     path = _model_dir(path)
     cfg = path / "config.json"
     if not cfg.is_file():
+        if (path / "base" / "config.json").is_file() and (path / "adapter").is_dir():
+            raise PrunedModelError(f"{path} holds a pruned model saved with its LoRA apart (base/ and adapter/, "
+                                   f"--no-merge): pass {path / 'base'} (the pruned model, without its LoRA), or merge the LoRA "
+                                   "in first: PeftModel.from_pretrained(load_pruned(base), adapter).merge_and_unload()")
         raise PrunedModelError(f"{path} has no config.json; expected a directory written by save_pretrained")
     try:
         data = json.loads(cfg.read_text(encoding="utf-8"))
@@ -46,6 +52,7 @@ def read_config(path) -> dict:
         raise PrunedModelError(f"{cfg} is corrupted (not valid JSON: {err}); save the model again") from err
     if not isinstance(data, dict):
         raise PrunedModelError(f"{cfg} is corrupted (not a JSON object); save the model again")
+    check_config_fields(cfg, data)
     return data
 
 
@@ -64,6 +71,12 @@ def read_safetensors_header(path) -> dict:
                 raise ValueError("the header length is implausible")
             header = json.loads(fh.read(n))
         header.pop("__metadata__", None)
+        for name, meta in header.items():
+            shape, offsets = meta.get("shape"), meta.get("data_offsets")
+            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                    and isinstance(offsets, list) and len(offsets) == 2
+                    and all(isinstance(o, int) and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
+                raise ValueError(f"tensor {name} has shape {shape!r} and data_offsets {offsets!r}")
         end = max((int(meta["data_offsets"][1]) for meta in header.values()), default=0)
     except Exception as err:
         raise PrunedModelError(f"{path} is not a readable safetensors file ({err}); save the model again") from err
@@ -94,6 +107,9 @@ def _layer_widths_from_headers(tensors: dict, spec, head_dim: int) -> tuple[dict
             other += numel
             continue
         idx_text, _, rest = name[len(prefix):].partition(".")
+        if not idx_text.isdigit():
+            raise PrunedModelError(f"the tensor {name} belongs to no decoder layer ({idx_text!r} is not a layer "
+                                   "number); the weights are corrupted or from another tool: save the model again")
         entry = layers.setdefault(int(idx_text), {"params": 0})
         entry["params"] += numel
         if rest in row_fields:
@@ -107,8 +123,8 @@ STOCK_WIDTHS = ("num_attention_heads", "num_key_value_heads", "intermediate_size
 
 def _check_widths(path: Path, config: dict, block: dict, layers: dict[int, dict]) -> None:
     """The widths config.json describes must be the widths the weights have."""
-    n_layers = config.get("num_hidden_layers")
-    if n_layers is not None and sorted(layers) != list(range(n_layers)):
+    n_layers = config.get("num_hidden_layers")  # compared, never allocated: config.json may claim 10**9
+    if n_layers is not None and (len(layers) != n_layers or sorted(layers) != list(range(len(layers)))):
         raise PrunedModelError(f"{path}: config.json says {n_layers} layers, the weights hold {len(layers)}; "
                                "the directory is mixed up, save the model again")
     if block.get("layers"):
@@ -166,12 +182,13 @@ def inspect_dir(path) -> dict:
 
     config = read_config(path)
     path = Path(path).expanduser()
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise PrunedModelError(f"{path} holds no .safetensors weights; expected a model saved by save_pretrained")
+    files, weight_map = weight_files(path)  # the model's own files: an extra *.safetensors is not counted
+    headers = {f.name: read_safetensors_header(f) for f in files}
+    if weight_map is not None:
+        check_index_tensors(path, weight_map, headers)
     tensors = {}
-    for f in files:
-        tensors.update(read_safetensors_header(f))
+    for header in headers.values():
+        tensors.update(header)
     spec = ARCHS.get(config.get("model_type"))
     if spec is None:
         raise PrunedModelError(f"model_type={config.get('model_type')!r} has no loraprune layout; "
@@ -181,7 +198,11 @@ def inspect_dir(path) -> dict:
     except (KeyError, TypeError, ZeroDivisionError) as err:
         raise PrunedModelError(f"{path}/config.json lacks the head geometry ({err}); save the model again") from err
     block = config.get("loraprune") or {}
-    layers, other = _layer_widths_from_headers(tensors, spec, head_dim)
+    try:
+        layers, other = _layer_widths_from_headers(tensors, spec, head_dim)
+    except PrunedModelError as err:
+        raise PrunedModelError(f"{path}: {err}") from None
+    check_required_tensors(path, config, spec, tensors, set(layers))
     _check_widths(path, config, block, layers)
     _check_totals(path, block, tensors, spec)
     total = other + sum(v["params"] for v in layers.values())
@@ -273,18 +294,9 @@ def load_pruned(path, dtype=None, device_map=None, **kwargs) -> nn.Module:
     return model
 
 
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-
-
 def _check_dtype(dtype) -> None:
-    """``dtype`` must be what ``from_pretrained`` takes: a torch dtype, its name, or ``"auto"``."""
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        return
-    hint = f" (did you mean torch.{_DTYPE_ALIASES[dtype]}?)" if dtype in _DTYPE_ALIASES else ""
-    raise LoRAPruneError(f"dtype={dtype!r} is not a torch dtype{hint}; pass e.g. torch.bfloat16, 'bfloat16', "
-                         "torch.float32 or 'auto'")
+    """``dtype`` must be what ``from_pretrained`` takes and loraprune loads: a floating torch dtype, its name, or ``"auto"``."""
+    check_load_dtype(dtype)
 
 
 def _check_device_map(device_map) -> None:
