@@ -134,3 +134,131 @@ def test_ridge_solve_retries_at_larger_damping():
     assert out is not None and bool(torch.isfinite(out).all())
     lam = 1e-3 * float(A.diagonal().mean()) * 10 ** 3  # the first damping that makes A + λI positive
     torch.testing.assert_close(out, torch.linalg.solve(A + lam * torch.eye(3, dtype=A.dtype), B))
+
+
+# ---- the one-shot mode: oneshot_prune(..., repair=True) -------------------------------------------
+def _tiny():
+    from tiny import tiny_model
+
+    return tiny_model(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=4)
+
+
+def _layer_inputs(model, batches):
+    """Every o_proj / down_proj input of every layer of the dense model, concatenated over tokens."""
+    seen, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for name, mod in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj)):
+            seen[i, name] = []
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, a, key=(i, name): seen[key].append(a[0].reshape(-1, a[0].shape[-1]).double())))
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b["input_ids"])
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v) for k, v in seen.items()}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_oneshot_repair_equals_layerwise_lstsq_on_dense_inputs(bias):
+    """sequential=False: every consumer's kept columns (and bias) are the least-squares fit on the dense
+    model's own activations, computed here with torch.linalg.lstsq from the captured token matrices."""
+    import copy
+
+    from loraprune.oneshot import oneshot_plan, oneshot_prune
+    from tiny import random_batches
+
+    model = _tiny()
+    calib = random_batches(n=4, batch=2, seq=24, seed=1)  # 192 tokens > 96 inputs: full-rank fits
+    plan = oneshot_plan(copy.deepcopy(model), calib, 0.5, method="flap", calib_batches=4)
+    X = _layer_inputs(model, calib)
+    pruned = oneshot_prune(copy.deepcopy(model), calib, 0.5, method="flap", calib_batches=4, repair=True,
+                           damp=0.0, sequential=False, bias_compensation=bias)
+    assert pruned.config.loraprune["settings"]["repair"] is True
+    for i, (lg, a_keep, m_keep) in enumerate(zip(plan.layers, plan.masks.attn_keep, plan.masks.mlp_keep)):
+        dense = model.model.layers[i]
+        cut = pruned.model.layers[i]
+        for name, W, keep, mod in (("o", dense.self_attn.o_proj.weight, lg.q_index(a_keep), cut.self_attn.o_proj),
+                                   ("down", dense.mlp.down_proj.weight, lg.channel_index(m_keep), cut.mlp.down_proj)):
+            x = X[i, name]
+            design = x[:, keep]
+            if bias:
+                design = torch.cat([design, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+            sol = torch.linalg.lstsq(design, x @ W.double().T).solution.T
+            torch.testing.assert_close(mod.weight.double(), sol[:, :keep.numel()], rtol=2e-3, atol=2e-4)
+            if bias:
+                torch.testing.assert_close(mod.bias.double(), sol[:, -1], rtol=2e-3, atol=2e-4)
+            else:
+                assert mod.bias is None
+
+
+def test_oneshot_repair_beats_plain_cut_and_reloads(tmp_path):
+    """Sequential repair with fisher scores: the logits stay closer to the dense model's than the plain cut
+    and FLAP's mean bias do, on held-out tokens; save/reload gives the same logits."""
+    import copy
+
+    from loraprune import load_pruned, save_pruned
+    from loraprune.oneshot import oneshot_prune
+    from tiny import random_batches
+
+    model = _tiny()
+    calib = random_batches(n=6, batch=2, seq=32, seed=3)
+    x = random_batches(n=1, batch=2, seq=32, seed=11)[0]["input_ids"]
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+
+    def err(m):
+        with torch.no_grad():
+            return float((m(input_ids=x).logits - ref).pow(2).mean())
+
+    kw = dict(method="fisher", calib_batches=2, repair_batches=6)
+    plain = oneshot_prune(copy.deepcopy(model), calib, 0.4, **kw)
+    repaired = oneshot_prune(copy.deepcopy(model), calib, 0.4, repair=True, **kw)
+    assert repaired.config.loraprune["layers"] == plain.config.loraprune["layers"]  # the same groups cut
+    assert repaired.config.loraprune["settings"]["calib_tokens"] == 6 * 2 * 32
+    assert err(repaired) < err(plain)
+    save_pruned(repaired, tmp_path / "m")
+    again = load_pruned(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=x).logits, repaired(input_ids=x).logits)
+
+
+def test_oneshot_repair_without_bias_exports_to_gguf(tmp_path):
+    """bias_compensation=False: no bias anywhere, so the GGUF export takes it (a biased one it refuses)."""
+    pytest.importorskip("gguf")
+    import copy
+
+    import loraprune
+    from gguf_export_cases import gpt2_tokenizer
+    from loraprune.gguf import load_gguf
+    from tiny import random_batches, tiny_model
+
+    tok = gpt2_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok))
+    calib = random_batches(n=3, vocab=len(tok), seed=4)
+    pruned = loraprune.oneshot_prune(copy.deepcopy(model), calib, 0.4, method="fisher", calib_batches=2,
+                                     repair=True, bias_compensation=False)
+    assert not any(m.bias is not None for m in pruned.modules() if isinstance(m, torch.nn.Linear))
+    path = loraprune.save_gguf(pruned, tmp_path / "m.gguf", tok, dtype="f32")
+    ids = tok("the quick brown fox")["input_ids"]
+    if pruned.config.loraprune["uniform"]:
+        again = load_gguf(path, tokenizer=False)[0]
+        with torch.no_grad():
+            a = again(input_ids=torch.tensor([ids])).logits
+            b = pruned(input_ids=torch.tensor([ids])).logits
+        assert (a - b).abs().max() <= 1e-4
+    biased = loraprune.oneshot_prune(copy.deepcopy(model), calib, 0.4, method="fisher", calib_batches=2, repair=True)
+    with pytest.raises(Exception, match="bias"):
+        loraprune.save_gguf(biased, tmp_path / "b.gguf", tok, dtype="f32")
+
+
+def test_oneshot_repair_bad_arguments():
+    from loraprune.oneshot import oneshot_prune
+    from tiny import random_batches
+
+    with pytest.raises(ValueError, match="damp"):
+        oneshot_prune(_tiny(), random_batches(n=1), 0.3, repair=True, damp=-1.0)
+    with pytest.raises(ValueError, match="repair_batches"):
+        oneshot_prune(_tiny(), random_batches(n=1), 0.3, repair=True, repair_batches=0)
+    with pytest.raises(TypeError, match="repair"):
+        oneshot_prune(_tiny(), random_batches(n=1), 0.3, repair="yes")
