@@ -34,6 +34,7 @@ from .groups import build_layer_groups, layer_projection_params, removed_params
 from .lora import LoRALinear, is_peft_lora_layer, unwrap_peft, wrap_linear
 from .masks import Masks
 from .progressive import reorder_layer, to_original, unpermute_module
+from .repair_run import RunRepair
 from .report import PruneReport, whole_model_params
 from .schedule import CubicSchedule
 from .state import PruningState
@@ -104,6 +105,10 @@ class LoRAPruner:
                 "(e.g. peft_model.merge_and_unload()) or target only the projections"
             )
         self.importance.attach(self)
+        self.repairer = RunRepair(cfg.repair_damp) if cfg.repair else None
+        if self.repairer is not None:
+            self.repairer.attach(self)
+            self.repairer.collect = schedule is not None and schedule.is_update(1)
 
     @property
     def criterion(self) -> str:
@@ -136,6 +141,9 @@ class LoRAPruner:
         self.importance.detach(self)
         for m in self.lora_modules():
             unpermute_module(m, self._optimizer)
+        if self.repairer is not None:
+            self.repairer.detach(self)
+            RunRepair.restore(self.lora_modules())
         for parent, name, module in reversed(self._replaced):
             setattr(parent, name, module)
         self._replaced = []
@@ -296,8 +304,12 @@ class LoRAPruner:
         changed = False
         if self.schedule.is_update(step):
             changed = self.state.update(self.schedule.fraction(step))
+            if changed and self.repairer is not None:
+                self.repairer.cut(self)  # before apply_masks: the statistics are in the current layout
             if changed:
                 self.apply_masks()
+        if self.repairer is not None:
+            self.repairer.collect = self.schedule.is_update(step + 1)
         if step >= self.schedule.end and not self.scores_final:
             self.scores_final = True
             if not is_sharded(self.model):  # FSDP2/ZeRO-3 fixed which parameters need gradients when they
@@ -332,6 +344,8 @@ class LoRAPruner:
         self.reach_target()
         report = self.report()
         self.importance.detach(self)
+        if self.repairer is not None:
+            self.repairer.detach(self)
         # the pruned model gets its own config: the user's config object (shared
         # with other models built from it) must not shrink with this one
         self.model.config = copy.deepcopy(self.model.config)
