@@ -59,7 +59,7 @@ class RunRepair:
             x = args[0]
             st = self._stats.get((i, name))
             if st is None or st.n != x.shape[-1]:
-                st = self._stats[i, name] = SecondMoments(x.shape[-1], dtype=torch.float32)
+                st = self._stats[i, name] = SecondMoments(x.shape[-1])
             st.update(x)
             return None
         return pre_hook
