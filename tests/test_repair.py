@@ -270,3 +270,19 @@ def test_oneshot_repair_bad_arguments():
         oneshot_prune(_tiny(), random_batches(n=1), 0.3, repair=True, repair_batches=0)
     with pytest.raises(TypeError, match="repair"):
         oneshot_prune(_tiny(), random_batches(n=1), 0.3, repair="yes")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_oneshot_repair_on_other_architectures_fits_without_bias(arch):
+    """Architectures whose configs cannot hold an o_proj/down_proj bias get the plain (unbiased) fit."""
+    import copy
+
+    from loraprune.oneshot import oneshot_prune
+    from tiny import random_batches, tiny_model
+
+    model = tiny_model(arch)
+    calib = random_batches(n=3, batch=2, seq=24, seed=2)
+    pruned = oneshot_prune(copy.deepcopy(model), calib, 0.4, method="fisher", calib_batches=2, repair=True)
+    settings = pruned.config.loraprune["settings"]
+    assert settings["repair"] and not settings["bias_compensation"]
+    assert pruned.model.layers[0].mlp.down_proj.bias is None
