@@ -87,6 +87,11 @@ class PruneConfig:
                                    "reordered in place into a dense prefix: smaller GEMMs and fewer heads for the rest "
                                    "of the run, the same result as masked training); False computes them as zeros until "
                                    "the end. Takes effect in prune(); the Trainer callback trains masked")
+    repair: bool = _opt(False, "at every mask update, re-fit the kept columns of o_proj/down_proj by least squares to "
+                               "what the cut groups contributed (second moments of their inputs over the step "
+                               "before the update; the teacher keeps a copy of those weights). Not with "
+                               "checkpoint_dir")
+    repair_damp: float = _opt(0.1, "ridge damping of the repair, relative to the mean input power")
     seq_len: int = _opt(128, "tokens per training window cut from text data")
     batch_size: int = _opt(4, "windows per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimiser step (and per score observation)")
@@ -180,7 +185,8 @@ class PruneConfig:
         num("max_bad_steps", 1, integer=True)
         num("seed", 0, integer=True)
         num("checkpoint_every", 1, integer=True, allow_none=True)
-        for name in ("square", "uniform", "progressive", "gradient_checkpointing", "merge", "progress", "resume",
+        num("repair_damp", 0)
+        for name in ("square", "uniform", "progressive", "repair", "gradient_checkpointing", "merge", "progress", "resume",
                      "force_resume"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "gradient_checkpointing" and value is None):
@@ -196,6 +202,9 @@ class PruneConfig:
         if self.checkpoint_every is not None and not self.checkpoint_dir:
             raise ConfigError(f"checkpoint_every={self.checkpoint_every} does nothing without checkpoint_dir; "
                               "pass checkpoint_dir=<a directory> to checkpoint, or drop checkpoint_every")
+        if self.repair and self.checkpoint_dir:
+            raise ConfigError("repair=True changes the frozen weights during the run, which checkpoints do not hold; "
+                              "drop checkpoint_dir, or pass repair=False")
         if self.uniform and (self.skip_layers or self.ranking != "layer"):
             raise ConfigError("uniform=True needs every layer pruned alike: drop skip_layers and use ranking='layer'")
         return self

@@ -60,6 +60,7 @@ class LoRALinear(nn.Module):
         self.in_order: torch.Tensor | None = None
         self.weight_grad = False  # True only for the "grad" baseline criterion
         self.bypass = False  # True: compute the frozen dense layer alone (the distillation teacher)
+        self.teacher_weight: torch.Tensor | None = None  # the dense weight, once a repair changed base (repair_run)
 
     # nn.Linear look-alike attributes, so shape-reading code treats both alike
     @property
@@ -93,7 +94,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
-            return F.linear(x, self.base.weight, self.base.bias)
+            W = self.base.weight if self.teacher_weight is None else self.teacher_weight
+            return F.linear(x, W, self.base.bias)
         p = self.dropout if self.training else 0.0
         W, bias, A, B = self.base.weight, self.base.bias, self.lora_A, self.lora_B
         if self.live_out is not None:  # the kept prefix: views, no copy

@@ -38,6 +38,7 @@ from ..structure.groups import build_layer_groups, layer_projection_params, remo
 from ..structure.masks import Masks
 from ..surgery.compaction import compact
 from ..surgery.progressive import reorder_layer, to_original, unpermute_module
+from ..surgery.repair_run import RunRepair
 from .report import PruneReport, whole_model_params
 
 
@@ -107,9 +108,13 @@ class LoRAPruner:
         self._given_config = self.model.config  # finalize() gives the pruned model a copy
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
         self.modules: list[dict[str, LoRALinear]] = []
+        self.repairer = RunRepair(cfg.repair_damp) if cfg.repair else None
         try:  # any failure from the first change on puts the model back before the error leaves
             self.modules = self._inject_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.seed)
             self.importance.attach(self)
+            if self.repairer is not None:
+                self.repairer.attach(self)
+                self.repairer.collect = schedule is not None and schedule.is_update(1)
         except BaseException:
             self.restore()
             raise
@@ -145,6 +150,9 @@ class LoRAPruner:
         self.importance.detach(self)
         for m in self.lora_modules():
             unpermute_module(m, self._optimizer)
+        if self.repairer is not None:
+            self.repairer.detach(self)
+            RunRepair.restore(self.lora_modules())
         for parent, name, module in reversed(self._replaced):
             setattr(parent, name, module)
         self._replaced = []
@@ -305,8 +313,12 @@ class LoRAPruner:
         changed = False
         if self.schedule.is_update(step):
             changed = self.state.update(self.schedule.fraction(step))
+            if changed and self.repairer is not None:
+                self.repairer.cut(self)  # before apply_masks: the statistics are in the current layout
             if changed:
                 self.apply_masks()
+        if self.repairer is not None:
+            self.repairer.collect = self.schedule.is_update(step + 1)
         if step >= self.schedule.end and not self.scores_final:
             self.scores_final = True
             if not is_sharded(self.model):  # FSDP2/ZeRO-3 fixed which parameters need gradients when they
@@ -355,6 +367,8 @@ class LoRAPruner:
             raise
         self._finalized = True  # the model is cut: restore() has nothing to put back
         self.importance.detach(self)  # its hooks and flags were on the layers just replaced
+        if self.repairer is not None:
+            self.repairer.detach(self)
         model = forget_gguf_origin(model)  # no file's weights now
         model.loraprune_masks = self.state.masks.clone()  # kept indices of the original model
         self._replaced = []

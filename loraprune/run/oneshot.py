@@ -1,4 +1,9 @@
-"""One-shot, retraining-free structured pruning baselines: FLAP and Wanda-sp.
+"""One-shot, retraining-free structured pruning: FLAP, Wanda-sp, and the cut with repair.
+
+(``method="fisher"`` scores groups by the default criterion's mask gradient
+instead, :mod:`loraprune.method.oneshot_fisher`; ``repair=True`` re-fits the kept
+columns of every ``o_proj``/``down_proj`` by least squares,
+:mod:`loraprune.surgery.repair` and :mod:`loraprune.surgery.repair_cut`.)
 
 Both score the same groups as :mod:`loraprune.run.engine` (a KV-head group, an MLP
 channel) from calibration activations alone — no gradient, no LoRA, no
@@ -48,13 +53,20 @@ from ..export.classes import attach_export
 from ..export.gguf_read import forget_gguf_origin
 from ..method.activation_scores import METHODS, InputStats, layer_scores
 from ..method.allocation import allocate, resolve_round_to, resolve_skip
+from ..method.oneshot_fisher import fisher_group_scores
 from ..method.state import PruningState
 from ..model.lora import unwrap_peft
 from ..structure.archs import arch_for, decoder_layers, layer_projections
 from ..structure.groups import LayerGroups, build_layer_groups, layer_projection_params, removed_params
 from ..structure.masks import Masks
 from ..surgery.compaction import compact
+from ..surgery.repair import DAMP
+from ..surgery.repair_cut import cut_with_repair
 from .report import PruneReport, whole_model_params
+
+#: One-shot scores: the activation formulas, and the default criterion's mask-gradient score from a few
+#: backward passes of the dense model (:mod:`loraprune.method.oneshot_fisher`).
+SCORES = (*METHODS, "fisher")
 
 
 @torch.no_grad()
@@ -155,11 +167,12 @@ class OneShotPlan:
     """What a one-shot run decided before cutting: masks, calibration statistics, groups."""
 
     masks: Masks
-    stats: list[tuple[InputStats, InputStats]]
+    stats: list[tuple[InputStats, InputStats]] | None  # None for method="fisher"
     layers: list[LayerGroups]
     total_params: int
     skip: set[int]
     config: PruneConfig  # the allocation and data options, validated (Python values)
+    batches: list | None = None  # the calibration batches the plan read
 
     @property
     def removed_params(self) -> int:
@@ -168,13 +181,23 @@ class OneShotPlan:
 
 @torch.no_grad()
 def oneshot_plan(model, data, ratio, tokenizer=None, method="flap", calib_batches=32, *, seq_len=128, batch_size=4,
-                 skip_layers=None, ranking="layer", round_to=None, seed=0) -> OneShotPlan:
-    """Calibrate on the dense model and choose the groups to keep (the model is not changed)."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown one-shot method {method!r}; choose one of {', '.join(METHODS)}")
+                 skip_layers=None, ranking=None, round_to=None, seed=0, repair_batches=None) -> OneShotPlan:
+    """Calibrate on the dense model and choose the groups to keep (the model is not changed).
+
+    ``ranking=None``: ``"adaptive"`` for ``fisher`` (scores per parameter compare across layers),
+    ``"layer"`` for FLAP / Wanda-sp (FLAP's standardised scores do not). The plan keeps
+    ``max(calib_batches, repair_batches)`` batches; the scores read the first ``calib_batches``."""
+    if method not in SCORES:
+        raise ConfigError(f"unknown one-shot method {method!r}; choose one of {', '.join(SCORES)}")
+    if ranking is None:
+        ranking = "adaptive" if method == "fisher" else "layer"
     calib_batches = plain_value(calib_batches)
     if not isinstance(calib_batches, int) or isinstance(calib_batches, bool) or calib_batches < 1:
         raise ConfigError(f"calib_batches must be a positive integer, got {calib_batches!r}")
+    repair_batches = plain_value(repair_batches)
+    if repair_batches is not None and (not isinstance(repair_batches, int) or isinstance(repair_batches, bool)
+                                       or repair_batches < 1):
+        raise ConfigError(f"repair_batches must be a positive integer or None (= calib_batches), got {repair_batches!r}")
     # the options prune() shares are validated (and numpy values made Python ones) where prune()'s are
     cfg = PruneConfig(ratio=ratio, skip_layers=skip_layers, ranking=ranking, round_to=round_to, seq_len=seq_len,
                       batch_size=batch_size, seed=seed)
@@ -186,11 +209,16 @@ def oneshot_plan(model, data, ratio, tokenizer=None, method="flap", calib_batche
     allocation = allocate(layers, cfg.ratio, total, skip, cfg.round_to, cfg.ranking)
     torch.manual_seed(cfg.seed)
     batches = make_batches(data, model.config, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
-    stats = collect_input_stats(model, itertools.islice(batches, calib_batches), spec)
+    calib = list(itertools.islice(batches, max(calib_batches, repair_batches or 0)))
     state = PruningState(layers, allocation, ema=0.0, ranking=cfg.ranking, skip=skip, round_to=cfg.round_to)
-    state.observe(*group_scores(model, layers, stats, method, spec))
+    if method == "fisher":
+        stats = None
+        state.observe(*fisher_group_scores(model, calib[:calib_batches], layers, spec))
+    else:
+        stats = collect_input_stats(model, calib[:calib_batches], spec)
+        state.observe(*group_scores(model, layers, stats, method, spec))
     state.update(1.0)
-    return OneShotPlan(state.masks, stats, layers, total, skip, cfg)
+    return OneShotPlan(state.masks, stats, layers, total, skip, cfg, calib)
 
 
 @torch.no_grad()
@@ -206,43 +234,80 @@ def oneshot_prune(
     batch_size: int = 4,
     bias_compensation: bool | None = None,
     skip_layers=None,
-    ranking: str = "layer",
+    ranking: str | None = None,
     round_to: int | None = None,
     seed: int = 0,
+    repair: bool = False,
+    damp: float = DAMP,
+    sequential: bool = True,
+    repair_batches: int | None = None,
 ) -> nn.Module:
     """Prune ``ratio`` of the decoder-projection parameters in one shot, no training.
 
     ``data`` is anything :func:`loraprune.prune` accepts; the first
     ``calib_batches`` batches (``batch_size`` x ``seq_len`` tokens for text)
-    calibrate the input statistics of the dense model. ``method``: ``"flap"``
-    or ``"wanda-sp"`` (see the module doc). ``bias_compensation``: ``None`` =
-    on for FLAP on LLaMA, off otherwise. Allocation (``skip_layers``,
-    ``ranking``, ``round_to``) is the same as :func:`loraprune.prune`'s.
+    calibrate the input statistics of the dense model. ``method``:
+    ``"flap"``, ``"wanda-sp"`` (see the module doc) or ``"fisher"`` (the default
+    criterion's mask-gradient score from one backward pass per calibration
+    batch, :mod:`loraprune.method.oneshot_fisher`). ``bias_compensation``: ``None`` =
+    on for FLAP or with ``repair`` on LLaMA, off otherwise. Allocation
+    (``skip_layers``, ``ranking``, ``round_to``) is the same as
+    :func:`loraprune.prune`'s; ``ranking=None`` is ``"adaptive"`` for
+    ``fisher`` and ``"layer"`` for the others.
+
+    ``repair=True``: the cut groups' contribution is re-fitted onto the kept
+    columns of each ``o_proj`` / ``down_proj`` by least squares over the same
+    calibration batches, a layer at a time (:mod:`loraprune.repair_cut`):
+    ``damp`` is the ridge damping relative to the mean input power,
+    ``sequential`` calibrates each layer on the already repaired layers'
+    outputs, ``repair_batches`` (default ``calib_batches``) is how many
+    calibration batches the repair reads (the scores read ``calib_batches``:
+    a few backward passes for ``fisher``, a few hundred windows for the repair). With bias compensation the fit is affine (FLAP's mean bias is
+    its zeroth-order term); without it the output has no bias and exports to
+    GGUF.
     Returns the compacted model (the same object) with ``config.loraprune``.
     """
     model = unwrap_peft(model)
     spec = arch_for(model)
     if bias_compensation is not None and not isinstance(bias_compensation, bool):
         raise TypeError(f"bias_compensation must be True, False or None, got {bias_compensation!r}")
+    if not isinstance(repair, bool) or not isinstance(sequential, bool):
+        raise TypeError(f"repair and sequential must be True or False, got {repair!r} and {sequential!r}")
+    damp = plain_value(damp)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
+        raise ConfigError(f"damp must be a number >= 0 (relative ridge damping, e.g. {DAMP}), got {damp!r}")
     if bias_compensation is None:
-        bias_compensation = method == "flap" and spec.model_type == "llama"
+        bias_compensation = (method == "flap" or repair) and spec.model_type == "llama"
     if bias_compensation and spec.model_type != "llama":
         raise ConfigError(
             f"bias_compensation needs an o_proj/down_proj bias that {spec.model_type!r} configs cannot express "
             "(only LLaMA has attention_bias/mlp_bias switches); pass bias_compensation=False"
         )
     plan = oneshot_plan(model, data, ratio, tokenizer, method, calib_batches, seq_len=seq_len, batch_size=batch_size,
-                        skip_layers=skip_layers, ranking=ranking, round_to=round_to, seed=seed)
-    biases = compensation_biases(model, plan.layers, plan.masks, plan.stats, spec) if bias_compensation else None
+                        skip_layers=skip_layers, ranking=ranking, round_to=round_to, seed=seed,
+                        repair_batches=repair_batches if repair else None)
     model_params = whole_model_params(model)
+    if repair:  # the biases go onto o_proj/down_proj during the cut; the other projections get zeros below
+        calib_tokens = cut_with_repair(model, plan.masks, plan.layers, plan.batches[:repair_batches or calib_batches],
+                                       spec, damp=float(damp),
+                                       bias=bias_compensation, sequential=sequential)
+        biases = [(None, None)] * len(plan.layers) if bias_compensation else None
+    else:
+        stats = plan.stats
+        if bias_compensation and stats is None:  # fisher scores: the means come from their own pass
+            stats = collect_input_stats(model, plan.batches[:calib_batches], spec)
+        biases = compensation_biases(model, plan.layers, plan.masks, stats, spec) if bias_compensation else None
+        calib_tokens = sum(int(torch.as_tensor(b["input_ids"]).numel()) for b in plan.batches[:calib_batches])
     model = forget_gguf_origin(compact(model, plan.masks, spec))  # a pruned GGUF load is no file's weights
     if biases is not None:
         _apply_biases(model, biases, spec)
     after = sum(layer_projection_params(model, spec))
     opts = plan.config
     settings = dict(ratio=opts.ratio, criterion=f"oneshot-{method}", method=method,
-                    bias_compensation=bias_compensation, calib_batches=plain_value(calib_batches),
-                    calib_tokens=plan.stats[0][0].count, seq_len=opts.seq_len, batch_size=opts.batch_size,
+                    bias_compensation=bias_compensation, repair=repair,
+                    **(dict(damp=float(damp), sequential=sequential, repair_batches=repair_batches or calib_batches)
+                       if repair else {}),
+                    calib_batches=plain_value(calib_batches), calib_tokens=calib_tokens, seq_len=opts.seq_len, batch_size=opts.batch_size,
                     skip_layers=sorted(plan.skip), ranking=opts.ranking, round_to=opts.round_to, seed=opts.seed)
     PruneReport.measure(
         plan.layers, plan.masks, plan.total_params, settings, target_ratio=opts.ratio, steps=0, model_params=model_params,

@@ -77,14 +77,15 @@ def permute_module(module: LoRALinear, rows: torch.Tensor | None = None, cols: t
     order so :func:`unpermute_module` can undo it."""
     if rows is not None:
         tensors = [module.base.weight, module.lora_B, *_optimizer_states(optimizer, module.lora_B)]
-        tensors += [t for t in (module.base.bias, module.lora_B.grad, module.base.weight.grad) if t is not None]
+        tensors += [t for t in (module.base.bias, module.lora_B.grad, module.base.weight.grad,
+                                module.teacher_weight) if t is not None]
         for t in tensors:
             _permute_(t, 0, rows)
         order = module.out_order if module.out_order is not None else torch.arange(module.out_features)
         module.out_order = order[rows]
     if cols is not None:
         tensors = [module.base.weight, module.lora_A, *_optimizer_states(optimizer, module.lora_A)]
-        tensors += [t for t in (module.lora_A.grad, module.base.weight.grad) if t is not None]
+        tensors += [t for t in (module.lora_A.grad, module.base.weight.grad, module.teacher_weight) if t is not None]
         for t in tensors:
             _permute_(t, 1, cols)
         order = module.in_order if module.in_order is not None else torch.arange(module.in_features)
