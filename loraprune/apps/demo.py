@@ -139,9 +139,12 @@ def _texts(option: str, paths: list[str]) -> list[str]:
     for path in paths:
         check_path_exists(option, path, "a .txt/.jsonl file or a folder of them")
     try:
-        return load_texts(paths)
+        texts = load_texts(paths)
     except LoRAPruneError as err:
         raise CLIError(f"{option}: {err}") from err
+    if not texts:
+        raise CLIError(f"{option} {' '.join(map(str, paths))} holds no text (empty or blank files); pass files with text")
+    return texts
 
 
 def check_output(out: Path) -> bool:

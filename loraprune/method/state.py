@@ -177,22 +177,28 @@ class PruningState:
                 if n > 2 and i in (0, n - 1) and level == 0:
                     share = self.EDGE_LAYER_FACTOR * ratio
                 caps.append(share * lg.params)
-            if self._capacity(caps) >= total:
+            unit = max(max(lg.attn_cost, min(self.round_to, lg.n_channels) * lg.mlp_cost) for lg in self.layers)
+            if self._capacity(caps) >= total + unit:  # room for the greedy order's slack: one unit
                 break
         return caps
 
     def _capacity(self, caps: list[float]) -> float:
-        """What the layers can give up under ``caps``, whole units only: a layer's KV groups and MLP blocks
-        above its floor (one of each kept), less one of its largest units for the cap's slack."""
+        """What the layers can give up under ``caps`` in whole units: per layer, the most that KV groups and
+        MLP blocks above its floor (one of each kept) add up to without passing its cap."""
         out = 0.0
+        r = max(1, self.round_to)
         for i, (lg, cap) in enumerate(zip(self.layers, caps)):
             if i in self.skip:
                 continue
-            block = max(1, min(self.round_to, lg.n_channels)) if self.round_to > 1 else 1
-            floor_mlp = block if lg.n_channels > block else lg.n_channels
-            most = (lg.n_kv - 1) * lg.attn_cost + (lg.n_channels - floor_mlp) * lg.mlp_cost
-            unit = max(lg.attn_cost, block * lg.mlp_cost)
-            out += min(most, max(0.0, cap - unit))
+            blocks = (lg.n_channels - 1) // r if lg.n_channels > r else 0  # whole blocks above the floor
+            block = r * lg.mlp_cost
+            best = 0
+            for a in range(lg.n_kv):
+                room = cap - a * lg.attn_cost
+                if room < 0:
+                    break
+                best = max(best, a * lg.attn_cost + min(blocks, int(room // block)) * block)
+            out += best
         return out
 
     def _adaptive_update(self, fraction: float) -> None:
@@ -233,22 +239,23 @@ class PruningState:
         cands.sort(key=lambda c: c[0])
         left = {("attn", i): int(a.sum()) for i, a in enumerate(self.masks.attn_keep)}
         left.update({("mlp", i): int(m.sum()) for i, m in enumerate(self.masks.mlp_keep)})
-        # two passes in score order: first only units that fit in what is still needed, then (what is left being
-        # smaller than every unit that would fit) the cheapest-scoring unit that overshoots by less than it falls
-        # short; so the total lands within half of the smallest unit still available, not half of a KV group
+        # two passes in score order. First a unit may overshoot what is still needed by less than half its cost
+        # and never by more than the ratio's tolerance (a KV group can be a tenth of a small model: the finer
+        # units behind it in the ranking fill the rest instead); then, if that left the total short, by less
+        # than half its cost (the rule of one pass before), whichever lands closer
+        slack = RATIO_TOLERANCE * self.allocation.total_params
         taken = set()
-        for exact in (True, False):
+        for limit in (slack, float("inf")):
             blocked = set()  # layers whose next MLP block was passed over: their later blocks wait too
             for n, (_, kind, i, j, cost, size) in enumerate(cands):
                 if need <= 0:
                     break
                 if n in taken or (blocks and kind == "mlp" and i in blocked):
                     continue
-                if left[(kind, i)] - size < 1 or removed[i] + cost > caps[i] or cost > (need if exact else
-                                                                                          need + cost / 2):
+                if left[(kind, i)] - size < 1 or removed[i] + cost > caps[i] or cost - need > min(cost / 2, limit):
                     if blocks and kind == "mlp":
                         blocked.add(i)
-                    continue  # keep one of each per layer; layer cap; no overshoot (then by less than half a unit)
+                    continue  # keep one of each per layer; layer cap; overshoot
                 (self.masks.attn_keep if kind == "attn" else self.masks.mlp_keep)[i][j] = False
                 taken.add(n)
                 left[(kind, i)] -= size
