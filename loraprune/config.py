@@ -183,7 +183,7 @@ class PruneConfig:
         num("weight_decay", 0)
         num("max_grad_norm", 0, allow_none=True)
         num("max_bad_steps", 1, integer=True)
-        num("seed", 0, integer=True)
+        num("seed", 0, 2**64 - 1, integer=True)  # torch.manual_seed's range (a larger one overflows inside torch)
         num("checkpoint_every", 1, integer=True, allow_none=True)
         num("repair_damp", 0)
         for name in ("square", "uniform", "progressive", "repair", "gradient_checkpointing", "merge", "progress", "resume",
@@ -261,6 +261,11 @@ class PruneConfig:
             raise ConfigError(f"unknown option(s) {', '.join(hints)}; see loraprune.PruneConfig for the options")
         if config is not None and not isinstance(config, cls):
             raise TypeError(f"config must be a loraprune.PruneConfig, got {type(config).__name__}")
+        if (config is not None and config.uniform and plain_value(overrides.get("uniform", True)) is False
+                and "ranking" not in overrides):  # the config's ranking='layer' came with uniform=True
+            raise ConfigError("uniform=False overrides a config with uniform=True, whose ranking='layer' came with "
+                              "it; say the ranking too: uniform=False, ranking='adaptive' (the default) or "
+                              "ranking='layer'")
         result = cls(**overrides) if config is None else dataclasses.replace(config, **overrides)
         if "ranking" in overrides and result.ranking != overrides["ranking"]:  # uniform=True turned it into 'layer'
             raise ConfigError(f"ranking={overrides['ranking']!r} contradicts uniform=True, which ranks per layer; "

@@ -1,5 +1,9 @@
 """``python -m loraprune.demo``: the main job (the program lives in :mod:`loraprune.apps.demo`)."""
-from .apps.demo import main
+import sys
+
+from .apps.demo import main, run
+
+__all__ = ["main", "run"]
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -18,10 +18,69 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data.windows import check_token_ids, check_tokenizer_fits, require_tokens, token_stream, vocab_size_of
-from .errors import LoRAPruneError, MissingExtraError
+from .config import plain_value
+from .data.windows import (
+    check_context,
+    check_token_ids,
+    check_tokenizer_fits,
+    require_tokens,
+    token_stream,
+    vocab_size_of,
+)
+from .errors import ConfigError, LoRAPruneError, MissingExtraError
 
 __all__ = ["perplexity", "tokens_per_second", "lm_eval_tasks"]
+
+
+# ------------------------------------------------------------------- the arguments
+#: The lower bound of each count argument of the evaluation functions (None: the argument may be None).
+_COUNTS = {"batch_size": 1, "max_windows": 1, "new_tokens": 1, "seq_len": 1, "repeats": 1, "warmup": 0,
+           "prompt_len": 1, "window": 2, "stride": 1}
+_MAY_BE_NONE = ("max_windows", "window", "stride")
+
+
+def check_eval_args(model=None, **args: Any) -> dict:
+    """The one argument check of :func:`perplexity`, :func:`tokens_per_second` and :func:`lm_eval_tasks`,
+    before any work: counts are integers at or above their floor (``batch_size=0``, ``max_windows=0``,
+    ``new_tokens=0`` are refused, not turned into one window or 0 tokens/s), ``device`` exists on this
+    machine, and a sequence (``window``, ``seq_len``, ``prompt_len + new_tokens``) fits the model's context
+    (the rule training applies: :func:`loraprune.data.windows.check_context`).
+
+    Returns the arguments as plain Python values (numpy integers become ints)."""
+    out = {}
+    for name, value in args.items():
+        value = plain_value(value)
+        if name in _COUNTS and not (value is None and name in _MAY_BE_NONE):
+            floor = _COUNTS[name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer >= {floor}, got {value!r}")
+            if value < floor:
+                raise ConfigError(f"{name} must be >= {floor}, got {value}"
+                                  + ("; pass None for all windows" if name == "max_windows" else ""))
+        elif name == "device" and value is not None:
+            value = _check_device(value)
+        out[name] = value
+    config = getattr(model, "config", None)
+    for name in ("window", "seq_len"):
+        if out.get(name) is not None:
+            check_context(out[name], config, name)
+    if "prompt_len" in out and "new_tokens" in out:
+        check_context(out["prompt_len"] + out["new_tokens"], config, "prompt_len+new_tokens")
+    return out
+
+
+def _check_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device={device!r} is not a device ({err}); pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r}: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                              "pass device='cpu' or leave device=None (the model's device)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
 
 
 # ----------------------------------------------------------------------- perplexity
@@ -99,10 +158,11 @@ def perplexity(
         DataError: empty or too-short text, token ids outside the model's vocabulary,
             a tokenizer that is not the model's, float token tensors.
     """
-    window = _context_length(model) if window is None else int(window)
-    stride = window if stride is None else int(stride)
-    if window < 2:
-        raise LoRAPruneError(f"window must be >= 2 tokens, got {window}.")
+    args = check_eval_args(model, window=window, stride=stride, batch_size=batch_size, max_windows=max_windows,
+                           device=device)
+    window = _context_length(model) if args["window"] is None else args["window"]
+    stride = window if args["stride"] is None else args["stride"]
+    batch_size, max_windows, device = args["batch_size"], args["max_windows"], args["device"]
     if not 1 <= stride <= window:
         raise LoRAPruneError(f"stride must be in [1, window={window}], got {stride}.")
     vocab = vocab_size_of(model)
@@ -111,8 +171,8 @@ def perplexity(
     check_token_ids(ids, vocab, "the evaluation text")
     plan = _window_plan(ids.numel(), window, stride)
     if max_windows is not None:
-        plan = plan[: max(1, int(max_windows))]
-    device = torch.device(device) if device is not None else _model_device(model)
+        plan = plan[:max_windows]
+    device = device if device is not None else _model_device(model)
     offsets = torch.arange(window)
 
     was_training = model.training
@@ -171,6 +231,11 @@ def tokens_per_second(
     """
     if mode not in ("prefill", "decode"):
         raise LoRAPruneError(f"mode must be 'prefill' or 'decode', got {mode!r}.")
+    lengths = {"seq_len": seq_len} if mode == "prefill" else {"prompt_len": prompt_len, "new_tokens": new_tokens}
+    args = check_eval_args(model, batch_size=batch_size, repeats=repeats, warmup=warmup, **lengths)
+    batch_size, repeats, warmup = args["batch_size"], args["repeats"], args["warmup"]
+    seq_len, prompt_len, new_tokens = (args.get(k, d) for k, d in (("seq_len", seq_len), ("prompt_len", prompt_len),
+                                                                  ("new_tokens", new_tokens)))
     device = _model_device(model)
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
@@ -184,7 +249,7 @@ def tokens_per_second(
     try:
         for _ in range(warmup):
             run(model, ids, new_tokens)
-        times = sorted(run(model, ids, new_tokens) for _ in range(max(1, repeats)))
+        times = sorted(run(model, ids, new_tokens) for _ in range(repeats))
     finally:
         model.train(was_training)
     return n_tokens / times[len(times) // 2]
@@ -263,6 +328,7 @@ def lm_eval_tasks(model: Any, tokenizer: Any = None, tasks: str | Sequence[str] 
         The ``"results"`` dict (task -> metrics).
     """
     lm_eval, HFLM, TaskManager = _lm_eval()
+    batch_size = check_eval_args(batch_size=batch_size)["batch_size"]
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
     if not tasks:
@@ -279,9 +345,38 @@ def lm_eval_tasks(model: Any, tokenizer: Any = None, tasks: str | Sequence[str] 
         raise LoRAPruneError("lm_eval_tasks needs the model's tokenizer: pass tokenizer=")
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
+    broken = _unparsable_task_files(include_path) if unknown and include_path is not None else []
+    if broken:
+        raise LoRAPruneError(f"unknown lm-eval task(s) {unknown}: the task file(s) in include_path failed to parse, "
+                             "so lm-eval skipped them: " + "; ".join(f"{path}: {msg}" for path, msg in broken[:3])
+                             + ". Fix the YAML")
     if unknown:
         raise LoRAPruneError(f"unknown lm-eval task(s) {unknown}; the paper tasks are {', '.join(PAPER_TASKS)} "
                              "(lm-eval --tasks list shows all), or pass include_path=<folder of your task YAMLs>")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, **kw)
     return results["results"]
+
+
+def _unparsable_task_files(include_path: str) -> list[tuple[str, str]]:
+    """``(file, the parser's message)`` for each task YAML under ``include_path`` that lm-eval's own loader
+    cannot read (lm-eval skips such a file with a debug log, so its task would be called unknown).
+    ``!function`` tags are not resolved: no code in the folder runs."""
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:  # another lm-eval layout: the plain safe loader says at least what YAML cannot read
+        import yaml
+
+        def load_yaml(path, **_):
+            with open(path, "rb") as fh:
+                return yaml.safe_load(fh)
+    broken = []
+    for root, _dirs, files in sorted(os.walk(include_path)):
+        for name in sorted(files):
+            if name.endswith((".yaml", ".yml")):
+                path = os.path.join(root, name)
+                try:
+                    load_yaml(path, resolve_func=False, recursive=True)
+                except Exception as err:  # noqa: BLE001 - the parser's own message is what the user needs
+                    broken.append((path, " ".join(str(err).split())))
+    return broken

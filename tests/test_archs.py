@@ -34,7 +34,9 @@ X = random_batches(n=1, batch=2, seq=10, seed=7)[0]["input_ids"]
 
 def _prune(arch, uniform, **cfg):
     model = tiny_model(arch, seed=1, **cfg)
-    kwargs = dict(uniform=True, ratio=0.5) if uniform else dict(skip_layers=[0], ratio=0.3)
+    # 0.25: whole KV groups of layer 1 alone land within 1 % of it on every architecture here (0.3 does not on
+    # llama-mha, and is refused: tests/cases_surfaces.py)
+    kwargs = dict(uniform=True, ratio=0.5) if uniform else dict(skip_layers=[0], ratio=0.25)
     return loraprune.prune(model, random_batches(n=3, seq=12), steps=3, lora_dropout=0.0, progress=False, **kwargs)
 
 
@@ -105,12 +107,14 @@ def test_round_to_reports_its_cost_on_the_parameter_target():
 
     exact = run(1)
     assert abs(exact["rounding_effect"]) < 0.01
-    rep = run(64)
-    assert all(w["intermediate_size"] % 64 == 0 for w in rep["layers"])
-    assert abs(rep["rounding_effect"]) > 0.02  # 64-multiples of 200 channels cannot land on 50 %
-    rep128 = run(128)  # 200 channels: keeps 128, far from the target, and the report says so
-    assert [w["intermediate_size"] for w in rep128["layers"]] == [128, 128]
-    assert rep128["rounding_effect"] < -0.05
+    # 64-multiples of 200 channels cannot land on 50 %: refused before training, with where they land and a fix
+    with pytest.raises(ValueError, match=r"ratio=0\.5 cannot be reached within 0\.01.*round_to=64.*land at 0\.586 .*"
+                                         r"pass ratio=0\.586.*round_to=1"):
+        run(64)
+    with pytest.raises(ValueError, match=r"round_to=128.*land at 0\.\d+"):  # 200 channels: only 128 could be kept
+        run(128)
+    rep = run(4)  # a block that reaches it (round_to=8 lands at 0.517): multiples, rounding effect within 1 %
+    assert all(w["intermediate_size"] % 4 == 0 for w in rep["layers"]) and abs(rep["rounding_effect"]) <= 0.01
 
 
 # ---- clear errors ------------------------------------------------------------------

@@ -144,7 +144,9 @@ def test_input_forms_agree(tok, tmp_path):
 
 def test_errors(tok):
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r"found \d+ tokens, need at least window=4096"):
+    with pytest.raises(ValueError, match=r"found \d+ tokens, need at least window=64"):
+        perplexity(model, "too short", tokenizer=tok, window=64)
+    with pytest.raises(ValueError, match=r"window=4096 exceeds the model's context.*window<=64"):  # as training
         perplexity(model, "too short", tokenizer=tok, window=4096)
     with pytest.raises(ValueError, match="tokenizer"):
         perplexity(model, "some text", window=4)

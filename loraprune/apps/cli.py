@@ -273,6 +273,12 @@ def _cmd_prune(args) -> int:
 COMMANDS = {"prune": _cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench}
 
 
+def print_error(err: LoRAPruneError) -> int:
+    """Say a user error as every loraprune program does: one line ``loraprune: error: ...`` on stderr; the exit status."""
+    print(f"loraprune: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; user errors print ``loraprune: error: ...`` and return 2, bugs raise."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -287,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     except LoRAPruneError as err:
         if os.environ.get("LORAPRUNE_DEBUG"):
             raise
-        print(f"loraprune: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_USAGE
+        return print_error(err)
     except KeyboardInterrupt:
         hint = " (rerun with --resume to continue from the last checkpoint)" if command == "prune" else ""
         print(f"loraprune: interrupted{hint}", file=sys.stderr)

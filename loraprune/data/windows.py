@@ -166,15 +166,16 @@ def text_windows(tokenizer: Any, source: Any, seq_len: int, separator: str = DOC
     return cut_windows(token_stream(tokenizer, source, separator), seq_len)
 
 
-def check_context(seq_len: int, config: Any) -> None:
-    """Refuse sequences longer than the model's context.
+def check_context(seq_len: int, config: Any, name: str = "seq_len") -> None:
+    """Refuse sequences longer than the model's context (training and evaluation alike).
 
     Args:
         seq_len: tokens per sequence.
         config: the model's config; its ``max_position_embeddings`` (if any) is the limit.
+        name: the argument that set the length, for the message (``window`` in perplexity).
     """
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise DataError(
-            f"seq_len={seq_len} exceeds the model's context (max_position_embeddings={limit}); pass seq_len<={limit}"
+            f"{name}={seq_len} exceeds the model's context (max_position_embeddings={limit}); pass {name}<={limit}"
         )

@@ -70,10 +70,32 @@ def resolve_round_to(round_to: int | None, layers: list[LayerGroups]) -> int:
     return AUTO_ROUND_TO if ok else 1
 
 
+#: How far the removed share may land from ``ratio`` (absolute): the "within 1 %" the options promise.
+#: A plan that cannot land that close is refused before any work (:func:`loraprune.method.state.check_reachable`).
+RATIO_TOLERANCE = 0.01
+
+
 def _round_kept(kept: int, n: int, multiple: int) -> int:
-    if multiple <= 1 or n <= multiple:
+    if multiple <= 1:
         return kept
+    if n <= multiple:
+        return n  # no multiple of round_to below the width: the MLP keeps it all (as the blocks of the other rankings)
     return min(n, max(multiple, int(round(kept / multiple)) * multiple))
+
+
+def _closest_layer_cut(lg: LayerGroups, want: float, a0: int, multiple: int) -> tuple[int, int]:
+    """``(KV groups, MLP channels)`` layer ``lg`` removes with kept widths a multiple of ``multiple``: the pair
+    whose parameters come closest to ``want`` (ties: the KV count nearest ``a0``). Rounding the MLP alone can
+    miss by half a block per layer; letting attention absorb the difference lands closer."""
+    widths = [lg.n_channels] + list(range(multiple, lg.n_channels, multiple))
+    best = None
+    for a in range(lg.n_kv):
+        for kept in widths:
+            m = lg.n_channels - kept
+            key = (abs(a * lg.attn_cost + m * lg.mlp_cost - want), abs(a - a0))
+            if best is None or key < best[0]:
+                best = (key, a, m)
+    return best[1], best[2]
 
 
 def allocate(
@@ -117,6 +139,8 @@ def allocate(
         a = min(int(round(local * lg.n_kv)), lg.n_kv - 1)
         want = local * lg.params - a * lg.attn_cost
         m = min(max(int(round(want / lg.mlp_cost)), 0), lg.n_channels - 1)
+        if ranking == "layer" and round_to > 1:
+            a, m = _closest_layer_cut(lg, local * lg.params, a, round_to)
         kept = _round_kept(lg.n_channels - m, lg.n_channels, round_to if ranking == "layer" else 1)
         attn_remove.append(a)
         mlp_remove.append(lg.n_channels - kept)

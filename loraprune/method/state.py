@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from ..structure.groups import LayerGroups
+from ..errors import ConfigError
+from ..structure.groups import LayerGroups, removed_params
 from ..structure.masks import Masks
-from .allocation import Allocation
+from .allocation import RATIO_TOLERANCE, Allocation, allocate
 
 
 class PruningState:
@@ -159,19 +160,46 @@ class PruningState:
     EDGE_LAYER_FACTOR = 0.5
 
     def _layer_caps(self) -> list[float]:
+        """Per-layer caps on the parameters removed (see :data:`MAX_LAYER_SHARE`). Where they would leave the
+        target out of reach (few layers: the two edge layers are a large share of the model; coarse blocks),
+        they are relaxed a level at a time: edge layers as the others, then every layer up to its floor, so
+        the ratio is met rather than missed in silence."""
         total = self.allocation.removed_params(self.layers)
         ratio = total / max(1, sum(lg.params for lg in self.layers))
         n = len(self.layers)
-        caps = []
-        for i, lg in enumerate(self.layers):
-            if i in self.skip:
-                caps.append(0.0)
-                continue
-            share = min(self.MAX_LAYER_SHARE, 2.0 * ratio)
-            if n > 2 and i in (0, n - 1):
-                share = self.EDGE_LAYER_FACTOR * ratio
-            caps.append(share * lg.params)
+        for level in range(3):
+            caps = []
+            for i, lg in enumerate(self.layers):
+                if i in self.skip:
+                    caps.append(0.0)
+                    continue
+                share = min(self.MAX_LAYER_SHARE, 2.0 * ratio) if level < 2 else 1.0
+                if n > 2 and i in (0, n - 1) and level == 0:
+                    share = self.EDGE_LAYER_FACTOR * ratio
+                caps.append(share * lg.params)
+            unit = max(max(lg.attn_cost, min(self.round_to, lg.n_channels) * lg.mlp_cost) for lg in self.layers)
+            if self._capacity(caps) >= total + unit:  # room for the greedy order's slack: one unit
+                break
         return caps
+
+    def _capacity(self, caps: list[float]) -> float:
+        """What the layers can give up under ``caps`` in whole units: per layer, the most that KV groups and
+        MLP blocks above its floor (one of each kept) add up to without passing its cap."""
+        out = 0.0
+        r = max(1, self.round_to)
+        for i, (lg, cap) in enumerate(zip(self.layers, caps)):
+            if i in self.skip:
+                continue
+            blocks = (lg.n_channels - 1) // r if lg.n_channels > r else 0  # whole blocks above the floor
+            block = r * lg.mlp_cost
+            best = 0
+            for a in range(lg.n_kv):
+                room = cap - a * lg.attn_cost
+                if room < 0:
+                    break
+                best = max(best, a * lg.attn_cost + min(blocks, int(room // block)) * block)
+            out += best
+        return out
 
     def _adaptive_update(self, fraction: float) -> None:
         """Score-driven allocation across layers *and* between attention and MLP.
@@ -211,20 +239,28 @@ class PruningState:
         cands.sort(key=lambda c: c[0])
         left = {("attn", i): int(a.sum()) for i, a in enumerate(self.masks.attn_keep)}
         left.update({("mlp", i): int(m.sum()) for i, m in enumerate(self.masks.mlp_keep)})
-        blocked = set()  # layers whose next MLP block was passed over: their later blocks wait too
-        for _, kind, i, j, cost, size in cands:
-            if need <= 0:
-                break
-            if blocks and kind == "mlp" and i in blocked:
-                continue
-            if left[(kind, i)] - size < 1 or removed[i] + cost > caps[i] or cost > need + cost / 2:
-                if blocks and kind == "mlp":
-                    blocked.add(i)
-                continue  # keep one of each per layer; layer cap; no overshoot by more than half a group
-            (self.masks.attn_keep if kind == "attn" else self.masks.mlp_keep)[i][j] = False
-            left[(kind, i)] -= size
-            removed[i] += cost
-            need -= cost
+        # two passes in score order. First a unit may overshoot what is still needed by less than half its cost
+        # and never by more than the ratio's tolerance (a KV group can be a tenth of a small model: the finer
+        # units behind it in the ranking fill the rest instead); then, if that left the total short, by less
+        # than half its cost (the rule of one pass before), whichever lands closer
+        slack = RATIO_TOLERANCE * self.allocation.total_params
+        taken = set()
+        for limit in (slack, float("inf")):
+            blocked = set()  # layers whose next MLP block was passed over: their later blocks wait too
+            for n, (_, kind, i, j, cost, size) in enumerate(cands):
+                if need <= 0:
+                    break
+                if n in taken or (blocks and kind == "mlp" and i in blocked):
+                    continue
+                if left[(kind, i)] - size < 1 or removed[i] + cost > caps[i] or cost - need > min(cost / 2, limit):
+                    if blocks and kind == "mlp":
+                        blocked.add(i)
+                    continue  # keep one of each per layer; layer cap; overshoot
+                (self.masks.attn_keep if kind == "attn" else self.masks.mlp_keep)[i][j] = False
+                taken.add(n)
+                left[(kind, i)] -= size
+                removed[i] += cost
+                need -= cost
 
     # ---- checkpoint ---------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -244,3 +280,73 @@ class PruningState:
             self.mlp_score[i] = tensors[f"mlp_score.{i}"].clone()
         self.observations = observations
         self.step = step
+
+
+# ---- reachability: is the ratio exact, or refused -------------------------------------------------------
+def _synthetic_scores(layers: list[LayerGroups], seed: int, attn_scale: float):
+    g = torch.Generator().manual_seed(seed)
+    return ([torch.rand(lg.n_kv, generator=g) * attn_scale for lg in layers],
+            [torch.rand(lg.n_channels, generator=g) for lg in layers])
+
+
+#: The score draws of the dry run: (seed, attention scale): mixed, the MLP paying (attention dear), and
+#: attention paying first (attention cheap); each run in one update (one-shot) and on a 10-update schedule.
+DRY_RUN_DRAWS = ((0, 1.0), (1, 1e6), (2, 1e-6))
+#: A cubic schedule of 10 mask updates (as prune() spreads them; also how the one-shot baselines apply
+#: 'adaptive' ranking), and a single update.
+STAGED_FRACTIONS = tuple(1 - (1 - t / 10) ** 3 for t in range(1, 11))
+DRY_RUN_FRACTIONS = (STAGED_FRACTIONS, (1.0,))
+
+
+def dry_run(layers: list[LayerGroups], allocation: Allocation, ranking: str, skip=frozenset(),
+            round_to: int = 1) -> list[float]:
+    """The removed shares a run with these options lands at, on synthetic scores (:data:`DRY_RUN_DRAWS`), once
+    the blocks are formed: the masks' own update rule, run on copies, so every constraint a real run meets
+    (whole KV groups, blocks of ``round_to`` channels, one group and one block kept per layer, the adaptive
+    per-layer caps) is in it. 'layer' ranking is exact: its widths come from the allocation alone."""
+    if ranking == "layer":
+        return [allocation.achieved_ratio(layers)]
+    out = []
+    for seed, scale in DRY_RUN_DRAWS:
+        for fractions in DRY_RUN_FRACTIONS:
+            state = PruningState(layers, allocation, ema=0.0, ranking=ranking, skip=skip, round_to=round_to)
+            state.observe(*_synthetic_scores(layers, seed, scale))
+            for f in fractions:
+                state.update(f)
+            out.append(removed_params(layers, state.masks) / allocation.total_params)
+    return out
+
+
+def check_reachable(layers: list[LayerGroups], allocation: Allocation, ranking: str, skip=frozenset(),
+                    round_to: int = 1, tolerance: float = RATIO_TOLERANCE) -> None:
+    """Refuse, before any work, options whose blocks cannot land within ``tolerance`` of the ratio
+    (:func:`dry_run`), naming the closest ratio they reach and a ``round_to`` (or ranking) that reaches it."""
+    ratio = allocation.target_ratio
+    landed = dry_run(layers, allocation, ranking, skip, round_to)
+    worst = max(landed, key=lambda r: abs(r - ratio))
+    if abs(worst - ratio) <= tolerance:
+        return
+    fixes = []
+    for r in sorted({d for d in (round_to // 2, round_to // 4, 32, 16, 8, 1) if 1 <= d < round_to}, reverse=True):
+        if _lands(layers, ratio, allocation.total_params, skip, r, ranking, tolerance):
+            fixes.append(f"round_to={r}")
+            break
+    for other in ("global", "layer", "adaptive"):
+        if other != ranking and _lands(layers, ratio, allocation.total_params, skip, round_to, other, tolerance):
+            fixes.append(f"ranking={other!r}")
+            break
+    what = f"blocks of round_to={round_to} MLP channels" if round_to > 1 else "whole KV groups and MLP channels"
+    caps = " under the per-layer caps of ranking='adaptive'" if ranking == "adaptive" else ""
+    raise ConfigError(
+        f"ratio={ratio} cannot be reached within {tolerance} with ranking={ranking!r} and round_to={round_to}: "
+        f"{what}{caps} land at {worst:.3f} (the closest they reach: pass ratio={worst:.3f})"
+        + (f", or keep the ratio with {' or '.join(fixes)}" if fixes else ", or lower round_to / skip fewer layers")
+    )
+
+
+def _lands(layers, ratio, total, skip, round_to, ranking, tolerance) -> bool:
+    try:
+        allocation = allocate(layers, ratio, total, skip, round_to, ranking)
+    except ValueError:
+        return False
+    return all(abs(r - ratio) <= tolerance for r in dry_run(layers, allocation, ranking, skip, round_to))

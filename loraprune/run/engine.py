@@ -29,7 +29,7 @@ from ..export.gguf_read import forget_gguf_origin
 from ..method.allocation import allocate, resolve_round_to, resolve_skip
 from ..method.criterion import Importance, make_importance
 from ..method.schedule import CubicSchedule
-from ..method.state import PruningState
+from ..method.state import PruningState, check_reachable
 from ..model.distributed import all_ranks, is_sharded, local
 from ..model.lora import LoRALinear, is_peft_lora_layer, unwrap_peft, wrap_linear
 from ..model.peft_inputs import check_adapters
@@ -89,6 +89,7 @@ class LoRAPruner:
         self.allocation = allocate(self.layers, cfg.ratio, self.total_params, skip, round_to, cfg.ranking)
         self.state = PruningState(self.layers, self.allocation, ema=cfg.ema, ranking=cfg.ranking, skip=skip,
                                   round_to=round_to)
+        check_reachable(self.layers, self.allocation, cfg.ranking, skip, round_to)  # exact or refused, before any work
         self.schedule = schedule
         self.settings = {k: v for k, v in cfg.to_dict().items() if k in RUN_DEFINING}
         self.settings["skip_layers"] = sorted(skip)

@@ -52,9 +52,9 @@ from ..errors import ConfigError, DataError
 from ..export.classes import attach_export
 from ..export.gguf_read import forget_gguf_origin
 from ..method.activation_scores import METHODS, InputStats, layer_scores
-from ..method.allocation import allocate, resolve_round_to, resolve_skip
+from ..method.allocation import RATIO_TOLERANCE, allocate, resolve_round_to, resolve_skip
 from ..method.oneshot_fisher import fisher_group_scores
-from ..method.state import PruningState
+from ..method.state import STAGED_FRACTIONS, PruningState, check_reachable
 from ..model.lora import unwrap_peft
 from ..structure.archs import arch_for, decoder_layers, layer_projections
 from ..structure.groups import LayerGroups, build_layer_groups, layer_projection_params, removed_params
@@ -207,6 +207,7 @@ def oneshot_plan(model, data, ratio, tokenizer=None, method="flap", calib_batche
     total = sum(layer_projection_params(model, spec))
     skip = resolve_skip(cfg.skip_layers, len(layers))
     allocation = allocate(layers, cfg.ratio, total, skip, cfg.round_to, cfg.ranking)
+    check_reachable(layers, allocation, cfg.ranking, skip, cfg.round_to)  # as prune(): exact or refused
     torch.manual_seed(cfg.seed)
     batches = make_batches(data, model.config, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
     calib = list(itertools.islice(batches, max(calib_batches, repair_batches or 0)))
@@ -217,7 +218,15 @@ def oneshot_plan(model, data, ratio, tokenizer=None, method="flap", calib_batche
     else:
         stats = collect_input_stats(model, calib[:calib_batches], spec)
         state.observe(*group_scores(model, layers, stats, method, spec))
-    state.update(1.0)
+    # 'adaptive' removes in the stages of prune()'s schedule (the last ones fine-grained), so it lands where
+    # prune() lands; the other rankings give the same masks in one update
+    for fraction in STAGED_FRACTIONS if cfg.ranking == "adaptive" else (1.0,):
+        state.update(fraction)
+    landed = removed_params(layers, state.masks) / total
+    if abs(landed - cfg.ratio) > RATIO_TOLERANCE:  # on these scores: refused before the model is cut
+        raise ConfigError(f"ratio={cfg.ratio} cannot be reached within {RATIO_TOLERANCE} with ranking={cfg.ranking!r} "
+                          f"and round_to={cfg.round_to} on this model's calibration scores (it lands at {landed:.3f}); "
+                          f"pass ratio={landed:.3f}, a smaller round_to or ranking='layer'")
     return OneShotPlan(state.masks, stats, layers, total, skip, cfg, calib)
 
 
