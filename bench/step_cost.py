@@ -77,6 +77,7 @@ def peft_trainer(model, lr: float = 2e-4):
             opt.zero_grad(set_to_none=True)
         sync()
         return time.perf_counter() - t0
+    step.model = peft_model  # the PeftModel (its base: ``step.model.unload()``)
     return step
 
 
