@@ -85,7 +85,8 @@ def measure_memory(s: dict, device, dtype, tokens: tuple[int, int], steps: int, 
     wall = time.perf_counter() - t0
     rss["compaction_peak"] = peak_rss()
     e = torch.finfo(dtype).bits // 8
-    f = sm.memory_formula(s, tokens[0] * tokens[1], dtype_bytes=e, ratio=0.5)
+    f = sm.memory_formula(s, tokens[0] * tokens[1], dtype_bytes=e, ratio=0.5,
+                          saved_dropout_masks=device.type != "cuda")  # the CPU twin saves its masks
     achieved = out.pop("model").config.loraprune["achieved_ratio"]
     batches.clear()
     _free(device)

@@ -179,7 +179,8 @@ def model_params(s: dict) -> int:
 
 
 def memory_formula(s: dict, tokens: int, dtype_bytes: int = 2, r: int = 8, ratio: float = 0.5,
-                   checkpointing: bool = True, gpus: int = 1, loss_chunk: int = 64) -> dict:
+                   checkpointing: bool = True, gpus: int = 1, loss_chunk: int = 64,
+                   saved_dropout_masks: bool = False) -> dict:
     """``docs/memory.md``'s memory model, in bytes, for shape ``s``, ``tokens`` tokens per step and
     weights of ``dtype_bytes`` bytes (2: bf16, as the page; 4: fp32). Terms:
 
@@ -190,6 +191,8 @@ def memory_formula(s: dict, tokens: int, dtype_bytes: int = 2, r: int = 8, ratio
       + e·(q + 2·kv·d) (q/k/v after RoPE) + e·q (attention output) + e·q (o_proj input; the page
       writes h for q, equal in every LLaMA) + 4h (second RMSNorm) + e·h (gate/up input)
       + 3e·I (gate, silu(gate), up) + e·I (down_proj input) + 7·4r (the LoRA kernels' fp32 x·Aᵀ);
+      ``saved_dropout_masks`` (the CPU twin with dropout > 0; the Triton kernels recompute theirs):
+      + 5h + q + I, one bool per input element of q, k, v (three masks of h), o (q), gate, up, down (I);
     * ``logits``: one loss chunk's buffers, 20·c·V, plus the teacher's final hidden states and the
       hidden-state gradient, 2·e·h·T;
     * ``fisher``: the criterion's transient h·∂L/∂h in fp32, ≈ 12·T·I (not in the page's totals);
@@ -205,6 +208,8 @@ def memory_formula(s: dict, tokens: int, dtype_bytes: int = 2, r: int = 8, ratio
     lora = lora_macs(s, r) * L
     lora_adam = 16 * lora / gpus
     a = 4 * h + e * h + e * (q + 2 * kvd) + e * q + e * q + 4 * h + e * h + 3 * e * I + e * I + 7 * 4 * r
+    if saved_dropout_masks:
+        a += 5 * h + q + I
     acts = (e * h * tokens * L + a * tokens) if checkpointing else a * tokens * L
     logits = 20 * loss_chunk * V + 2 * e * h * tokens
     fisher = 12 * tokens * I
