@@ -98,12 +98,13 @@ def measure_memory(s: dict, device, dtype, tokens: tuple[int, int], steps: int, 
                      "probe": "torch.cuda.max_memory_allocated" if peak["device"] == "cuda"
                      else "live tensor bytes (torch.profiler allocator events)"},
         "formula": {k: f[k] for k in ("base", "lora_adam", "activations", "logits", "fisher", "compaction",
-                                      "training_extra", "projection_bytes")},
+                                      "compaction_phase", "training_extra", "training_extra_sum",
+                                      "projection_bytes")},
     }
-    res["formula"]["training_extra_with_fisher"] = f["training_extra"] + f["fisher"]
     res["measured_over_formula"] = {
-        "training_steps": train / res["formula"]["training_extra_with_fisher"],
-        "final_compaction": compaction / f["compaction"],
+        "training_steps": train / f["training_extra"],
+        "final_compaction": compaction / f["compaction_phase"],
+        "training_steps_vs_the_first_formula": train / f["training_extra_sum"],
     }
     if device.type == "cpu":
         res["rss"] = {"before": rss["before"], "training_peak_extra": rss["training_peak"] - rss["before"],
@@ -180,8 +181,8 @@ def run_case(name: str, layers: int | None, device: torch.device, dtype: torch.d
         out["memory"] = measure_memory(s, device, dtype, tokens, mem_steps)
         m = out["memory"]
         print(f"{name}:{s['layers']} memory: training {m['measured']['training_steps'] / MIB:.0f} MiB "
-              f"(formula {m['formula']['training_extra_with_fisher'] / MIB:.0f}), compaction "
-              f"{m['measured']['final_compaction'] / MIB:.0f} MiB (formula {m['formula']['compaction'] / MIB:.0f})",
+              f"(formula {m['formula']['training_extra'] / MIB:.0f}), compaction "
+              f"{m['measured']['final_compaction'] / MIB:.0f} MiB (formula {m['formula']['compaction_phase'] / MIB:.0f})",
               flush=True)
     if "steps" in parts:
         out.update(measure_steps_and_speed(s, device, dtype, tokens, steps, start, end, speed))
@@ -205,13 +206,19 @@ def run_seconds(step_before: float, step_after: float, steps: int = 200, start: 
     return sum(step_before + (step_after - step_before) * sched.fraction(k - 1) for k in range(1, steps + 1))
 
 
+def _per_layer_bytes(s: dict, tokens: int, e: int) -> float:
+    """The formula's memory per decoder layer with checkpointing: the layer's input, LoRA + AdamW."""
+    return e * s["hidden"] * tokens + 16 * sm.lora_macs(s)
+
+
 def extrapolate(cases: list[dict], targets=("llama-3-8b", "llama-3-70b")) -> dict | None:
     """Per-layer slope of the cases sharing widths (two depths at least), extrapolated, *stated as such*.
 
     Memory above the weights during the training steps and time per step are fitted as
     ``fixed + per_layer x L`` on the measured depths. For the whole model of the measured widths only
-    L changes. For another shape (70B), the per-layer part is scaled by the formula's per-layer
-    activation bytes (memory) or projection multiply-adds (time), the fixed part by the head size."""
+    L changes. For another shape (70B), the per-layer part is scaled by the formula's per-layer bytes
+    (layer input, LoRA + AdamW) or projection multiply-adds (time), the fixed part by the formula's
+    fixed bytes (max(loss chunk, one layer's activations + fisher)) or the head's size (time)."""
     groups: dict = {}
     for c in cases:
         if "memory" in c and "step_cost" in c:
@@ -241,9 +248,9 @@ def extrapolate(cases: list[dict], targets=("llama-3-8b", "llama-3-70b")) -> dic
             t = sm.shape(target)
             f_t = sm.memory_formula(t, T, dtype_bytes=e)
             f_b = sm.memory_formula(base_shape, T, dtype_bytes=e)
-            layer_mem = sm.memory_formula(dict(t, layers=1), T, e)["activations"] / \
-                sm.memory_formula(dict(base_shape, layers=1), T, e)["activations"]
-            fixed_mem = f_t["logits"] / f_b["logits"]
+            layer_mem = _per_layer_bytes(t, T, e) / _per_layer_bytes(base_shape, T, e)
+            fixed_mem = (f_t["training_extra"] - _per_layer_bytes(t, T, e) * t["layers"]) / \
+                (f_b["training_extra"] - _per_layer_bytes(base_shape, T, e) * base_shape["layers"])
             layer_t = sm.projection_macs(t) / sm.projection_macs(base_shape)
             fixed_t = (t["vocab"] * t["hidden"]) / (base_shape["vocab"] * base_shape["hidden"])
             L = t["layers"]
@@ -254,7 +261,8 @@ def extrapolate(cases: list[dict], targets=("llama-3-8b", "llama-3-70b")) -> dic
             before, after = at(tb), at(ta)
             rows[target] = {
                 "layers": L, "weights_bytes": f_t["base"], "training_extra_bytes": extra,
-                "per_gpu_bytes": f_t["base"] + extra, "formula_per_gpu_bytes": f_t["training"] + f_t["fisher"],
+                "per_gpu_bytes": f_t["base"] + max(extra, f_t["compaction_phase"]),
+                "formula_per_gpu_bytes": f_t["peak"],
                 "final_compaction_bytes_formula": f_t["compaction"],
                 "step_s_before": before, "step_s_after": after, "peft_step_s": at(pb),
                 "run_200_steps_s": run_seconds(before, after),
@@ -290,9 +298,9 @@ def markdown(cases: list[dict], extra: dict | None = None) -> str:
                 cells.append("—")
         m = c.get("memory")
         if m:
-            cells.append(f"{_mib(m['measured']['training_steps'])} / {_mib(m['formula']['training_extra_with_fisher'])}"
+            cells.append(f"{_mib(m['measured']['training_steps'])} / {_mib(m['formula']['training_extra'])}"
                          f" ({m['measured_over_formula']['training_steps']:.2f})")
-            cells.append(f"{_mib(m['measured']['final_compaction'])} / {_mib(m['formula']['compaction'])}"
+            cells.append(f"{_mib(m['measured']['final_compaction'])} / {_mib(m['formula']['compaction_phase'])}"
                          f" ({m['measured_over_formula']['final_compaction']:.2f})")
         else:
             cells += ["—", "—"]

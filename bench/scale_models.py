@@ -193,14 +193,23 @@ def memory_formula(s: dict, tokens: int, dtype_bytes: int = 2, r: int = 8, ratio
       + 3e·I (gate, silu(gate), up) + e·I (down_proj input) + 7·4r (the LoRA kernels' fp32 x·Aᵀ);
       ``saved_dropout_masks`` (the CPU twin with dropout > 0; the Triton kernels recompute theirs):
       + 5h + q + I, one bool per input element of q, k, v (three masks of h), o (q), gate, up, down (I);
-    * ``logits``: one loss chunk's buffers, 20·c·V, plus the teacher's final hidden states and the
-      hidden-state gradient, 2·e·h·T;
+    * ``logits``: one loss chunk's buffers, 12·c·V (the student's fp32 logits, the teacher's
+      log-probabilities and their exponential; measured 12.1–12.3·c·V in bf16 and fp32 at
+      V = 128256, the page said 20), plus the teacher's final hidden states and the hidden-state
+      gradient, 2·e·h·T;
     * ``fisher``: the criterion's transient h·∂L/∂h in fp32, ≈ 12·T·I (not in the page's totals);
     * ``gathered``: with ``gpus`` > 1, two gathered layers, 2·e·(layer parameters);
     * ``compaction``: (1 − ratio) × the projection bytes, held at the final cut (after training).
 
-    ``training`` is the page's per-GPU total (base + lora_adam + activations + logits + gathered);
-    ``training_extra`` the same without the base weights: what a run adds above the loaded model.
+    What a run adds above the loaded model during the training steps, ``training_extra``: the terms
+    do not all live at once. The loss's chunk buffers live while the head runs, after the decoder
+    forward; a layer's recomputed activations and the ``fisher`` transient live during backward, after
+    them. So: lora_adam + gathered + the checkpointed layer inputs + max(logits, a·T + fisher) with
+    checkpointing (all layers' activations + max(logits, fisher) without). Measured at Llama-3.2-1B
+    and Llama-3-8B-layer shapes within 0.94–1.06 (bench/scale.py); the page's first version summed
+    every term (``training_extra_sum``), 1.6–2.2x the measured peak at 256 tokens.
+    ``compaction_phase``: the final cut holds (1 − ratio) x the projections while LoRA and AdamW's
+    state are still live. ``training``/``peak``: with the base weights.
     """
     e, h, L, I, V = dtype_bytes, s["hidden"], s["layers"], s["mlp"], s["vocab"]
     q, kvd = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
@@ -211,13 +220,22 @@ def memory_formula(s: dict, tokens: int, dtype_bytes: int = 2, r: int = 8, ratio
     if saved_dropout_masks:
         a += 5 * h + q + I
     acts = (e * h * tokens * L + a * tokens) if checkpointing else a * tokens * L
-    logits = 20 * loss_chunk * V + 2 * e * h * tokens
+    logits = 12 * loss_chunk * V + 2 * e * h * tokens
     fisher = 12 * tokens * I
     gathered = 2 * e * layer_params(s) if gpus > 1 else 0
     proj_bytes = e * projection_macs(s) * L
     compaction = (1 - ratio) * proj_bytes
-    training_extra = lora_adam + acts + logits + gathered
+    if checkpointing:
+        inputs, layer_acts = e * h * tokens * L, a * tokens
+        training_extra = lora_adam + gathered + inputs + max(logits, layer_acts + fisher)
+    else:
+        training_extra = lora_adam + gathered + acts + max(logits, fisher)
+    training_extra_sum = lora_adam + acts + logits + gathered + fisher
+    compaction_phase = compaction + lora_adam
     return {"base": base, "lora_params": lora, "lora_adam": lora_adam, "activation_bytes_per_token_layer": a,
             "activations": acts, "logits": logits, "fisher": fisher, "gathered": gathered,
-            "projection_bytes": proj_bytes, "compaction": compaction,
-            "training_extra": training_extra, "training": base + training_extra}
+            "projection_bytes": proj_bytes, "compaction": compaction, "compaction_phase": compaction_phase,
+            "training_extra": training_extra, "training_extra_sum": training_extra_sum,
+            "training": base + training_extra,
+            # one device only: how the final cut behaves under sharding is not modelled (not measured)
+            "peak": base + max(training_extra, compaction_phase) if gpus == 1 else None}
