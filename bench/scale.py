@@ -84,9 +84,6 @@ def measure_memory(s: dict, device, dtype, tokens: tuple[int, int], steps: int, 
     peak = tensor_peak(run)
     wall = time.perf_counter() - t0
     rss["compaction_peak"] = peak_rss()
-    e = torch.finfo(dtype).bits // 8
-    f = sm.memory_formula(s, tokens[0] * tokens[1], dtype_bytes=e, ratio=0.5,
-                          saved_dropout_masks=device.type != "cuda")  # the CPU twin saves its masks
     achieved = out.pop("model").config.loraprune["achieved_ratio"]
     batches.clear()
     _free(device)
@@ -97,18 +94,29 @@ def measure_memory(s: dict, device, dtype, tokens: tuple[int, int], steps: int, 
         "measured": {"whole_call": peak["tensor_peak_bytes"], "training_steps": train, "final_compaction": compaction,
                      "probe": "torch.cuda.max_memory_allocated" if peak["device"] == "cuda"
                      else "live tensor bytes (torch.profiler allocator events)"},
-        "formula": {k: f[k] for k in ("base", "lora_adam", "activations", "logits", "fisher", "compaction",
-                                      "compaction_phase", "training_extra", "training_extra_sum",
-                                      "projection_bytes")},
     }
-    res["measured_over_formula"] = {
-        "training_steps": train / f["training_extra"],
-        "final_compaction": compaction / f["compaction_phase"],
-        "training_steps_vs_the_first_formula": train / f["training_extra_sum"],
-    }
+    compare_memory(res, s, dtype, device.type)
     if device.type == "cpu":
         res["rss"] = {"before": rss["before"], "training_peak_extra": rss["training_peak"] - rss["before"],
                       "compaction_peak_extra": rss["compaction_peak"] - rss["before"]}
+    return res
+
+
+def compare_memory(res: dict, s: dict, dtype: torch.dtype, device_type: str) -> dict:
+    """Put the formula's figures for this case, and measured / formula, into ``res`` (a ``memory`` record);
+    ``report`` re-runs it on stored results, so a corrected formula is compared with old measurements."""
+    e = torch.finfo(dtype).bits // 8
+    f = sm.memory_formula(s, res["tokens"][0] * res["tokens"][1], dtype_bytes=e, ratio=0.5,
+                          saved_dropout_masks=device_type != "cuda")  # the CPU twin saves its masks
+    res["formula"] = {k: f[k] for k in ("base", "lora_adam", "activations", "logits", "fisher", "compaction",
+                                        "compaction_phase", "training_extra", "training_extra_sum",
+                                        "projection_bytes")}
+    m = res["measured"]
+    res["measured_over_formula"] = {
+        "training_steps": m["training_steps"] / f["training_extra"],
+        "final_compaction": m["final_compaction"] / f["compaction_phase"],
+        "training_steps_vs_the_first_formula": m["training_steps"] / f["training_extra_sum"],
+    }
     return res
 
 
@@ -330,7 +338,15 @@ def load_cases(out_dir: Path) -> list[dict]:
     for p in sorted(out_dir.glob("*.json")):
         d = json.loads(p.read_text())
         if d.get("figure", "").startswith("scale:"):
-            cases.append({**d["case"], "file": p.name})
+            c = {**d["case"], "file": p.name}
+            if "memory" in c:  # the formula as it is now
+                compare_memory(c["memory"], c["shape"], DTYPES[c["dtype"]], torch.device(c["device"]).type)
+            for k in ("before", "after"):  # results written before the headline ratio was recorded
+                ph = c.get("step_cost", {}).get(k)
+                if ph and "ratio" not in ph and ph.get("median_ratio") is not None:
+                    cpu = c["device"] == "cpu"
+                    ph["ratio"] = ph["median_cpu_ratio"] if cpu else ph["median_ratio"]
+            cases.append(c)
     return cases
 
 
