@@ -146,8 +146,8 @@ def measure_steps_and_speed(s: dict, device, dtype, tokens, steps: int, start: i
         if ph["median_ratio"] is None:
             continue
         ph["ratio"] = ph["median_cpu_ratio"] if cpu else ph["median_ratio"]
-        ph["prune_step_s"] = ph["median_prune_cpu_s"] if cpu else ph["median_prune_s"]
-        ph["peft_step_s"] = ph["median_peft_cpu_s"] if cpu else ph["median_peft_s"]
+        ph["prune_step_s"] = ph["min_prune_cpu_s"] if cpu else ph["median_prune_s"]
+        ph["peft_step_s"] = ph["min_peft_cpu_s"] if cpu else ph["median_peft_s"]
         if ph.get("ideal_ratio"):
             ph["measured_over_ideal"] = ph["ratio"] / ph["ideal_ratio"]
     # the dense model for the speed comparison: the PEFT model's base (the original weight tensors;
@@ -223,7 +223,8 @@ def extrapolate(cases: list[dict], targets=("llama-3-8b", "llama-3-70b")) -> dic
     """Per-layer slope of the cases sharing widths (two depths at least), extrapolated, *stated as such*.
 
     Memory above the weights during the training steps and time per step are fitted as
-    ``fixed + per_layer x L`` on the measured depths. For the whole model of the measured widths only
+    ``fixed + per_layer x L`` on the measured depths (on CPU the step time is the least disturbed
+    sample's CPU time: a shared machine only ever adds time). For the whole model of the measured widths only
     L changes. For another shape (70B), the per-layer part is scaled by the formula's per-layer bytes
     (layer input, LoRA + AdamW) or projection multiply-adds (time), the fixed part by the formula's
     fixed bytes (max(loss chunk, one layer's activations + fisher)) or the head's size (time)."""
@@ -337,15 +338,16 @@ def load_cases(out_dir: Path) -> list[dict]:
     cases = []
     for p in sorted(out_dir.glob("*.json")):
         d = json.loads(p.read_text())
-        if d.get("figure", "").startswith("scale:"):
+        if d.get("figure", "").startswith("scale:") and "case" in d:
             c = {**d["case"], "file": p.name}
             if "memory" in c:  # the formula as it is now
                 compare_memory(c["memory"], c["shape"], DTYPES[c["dtype"]], torch.device(c["device"]).type)
-            for k in ("before", "after"):  # results written before the headline ratio was recorded
+            for k in ("before", "after"):  # the step seconds of the extrapolation: least disturbed on CPU
                 ph = c.get("step_cost", {}).get(k)
-                if ph and "ratio" not in ph and ph.get("median_ratio") is not None:
-                    cpu = c["device"] == "cpu"
-                    ph["ratio"] = ph["median_cpu_ratio"] if cpu else ph["median_ratio"]
+                rows = [r for r in c.get("step_cost", {}).get("per_step", []) if ph and r["step"] in ph["steps"]]
+                if rows and c["device"] == "cpu":
+                    ph["prune_step_s"] = min(r["prune_cpu_s"] for r in rows)
+                    ph["peft_step_s"] = min(r["peft_cpu_s"] for r in rows)
             cases.append(c)
     return cases
 

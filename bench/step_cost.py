@@ -274,6 +274,9 @@ def phases(times: list[dict], start: int, end: int) -> dict:
                 "median_prune_s": statistics.median(r["prune_s"] for r in rows),
                 "median_prune_cpu_s": statistics.median(r.get("prune_cpu_s", 0.0) for r in rows),
                 "median_peft_cpu_s": statistics.median(r.get("peft_cpu_s", 0.0) for r in rows),
+                # the least disturbed sample of each (a shared machine only ever adds time)
+                "min_prune_cpu_s": min(r.get("prune_cpu_s", 0.0) for r in rows),
+                "min_peft_cpu_s": min(r.get("peft_cpu_s", 0.0) for r in rows),
                 "median_peft_s": statistics.median(r["peft_s"] for r in rows)}
 
     timed = [t for t in times if not t.get("profiled")]
