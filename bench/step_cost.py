@@ -305,9 +305,11 @@ def main(argv=None) -> int:
         return 0
     tokens = tuple(a.tokens) if a.tokens else ((2, 128) if a.shape else (4, 128))
     res = measure(a.steps, a.prune_start, a.prune_end, a.profile, a.out, a.shape, a.layers, tokens)
-    print(f"before pruning: {res['before']['median_ratio']:.3f}x PEFT (CPU time {res['before']['median_cpu_ratio']:.3f}x); "
-          f"after the final mask: {res['after']['median_ratio']:.3f}x PEFT (CPU time "
-          f"{res['after']['median_cpu_ratio']:.3f}x) -> {a.out}")
+    for k in ("before", "after"):
+        ph = res[k]
+        if ph["median_ratio"] is not None:
+            print(f"{k}: {ph['median_ratio']:.3f}x PEFT (CPU time {ph['median_cpu_ratio']:.3f}x)")
+    print(f"-> {a.out}")
     for name, table in res["profiles"].items():
         print(f"\n== {name}\n{table}")
     return 0
