@@ -18,10 +18,20 @@ unsloth-style ``addmm_`` LoRA forward, eager PEFT forward/backward, and the
 eager importance formula (GB/s and fraction of HBM bandwidth).
 Pruning: a few steps of ``loraprune.prune`` on a small LLaMA on CUDA, counting
 calls into the Triton launchers (and none into the torch twins).
+Scale (``bench/scale.py``'s code, bf16): Llama-3-8B layers (hidden 4096, MLP 14336,
+32/8 heads, vocabulary 128256, real embedding and head) at 2 and 4 layers, 4 x 512
+tokens a step: the default pruning step against a PEFT LoRA step before pruning and
+after the final 50 % mask (beside the FLOP ideal), peak memory of a short ``prune()``
+call and its phases (``torch.cuda.max_memory_allocated``) against ``docs/memory.md``'s
+formula, compacted prefill/decode against dense, and the extrapolation (stated as such)
+to Llama-3-8B whole and 70B; written into the JSON (``scale``) and as a markdown table
+beside it (``<out>.scale.md``) that ``bench/README.md`` can take as it is.
 
 ``--smoke`` runs the correctness part on tiny shapes under ``TRITON_INTERPRET=1``
-(set before triton is imported), skips the >2**31 case and the speed part, and
-runs the pruning step on CPU through the interpreted kernels.
+(set before triton is imported), skips the >2**31 case and the speed part, runs
+the pruning step on CPU through the interpreted kernels, and the scale part on
+CPU in fp32 at the tiny shape (2 and 3 layers; the torch twin: same code, other
+device and dtype).
 """
 from __future__ import annotations
 
@@ -301,6 +311,45 @@ def check_prune(rep: Report, device, smoke: bool):
 
 
 # ---------------------------------------------------------------------------
+# scale: bench/scale.py at Llama-3-8B layer shapes
+# ---------------------------------------------------------------------------
+
+def scale_settings(smoke: bool) -> dict:
+    if smoke:
+        return dict(cases=[("tiny", 2), ("tiny", 3)], dtype=torch.float32, tokens=(2, 32),
+                    kw=dict(steps=5, start=2, end=3, mem_steps=3,
+                            speed=dict(prefill_batch=1, prefill_seq=16, decode_prompt=4, decode_tokens=2, rounds=2)))
+    return dict(cases=[("llama-3-8b", 2), ("llama-3-8b", 4)], dtype=torch.bfloat16, tokens=(4, 512),
+                kw=dict(steps=10, start=4, end=5, mem_steps=3,
+                        speed=dict(prefill_batch=4, prefill_seq=512, decode_prompt=16, decode_tokens=32, rounds=5)))
+
+
+def check_scale(rep: Report, device, smoke: bool, results: dict) -> None:
+    """bench/scale.py's cases; fills ``results`` (``cases``, ``extrapolation``, ``markdown``)."""
+    from bench import scale
+
+    st = scale_settings(smoke)
+    cases = []
+    for name, layers in st["cases"]:
+        c = scale.run_case(name, layers, device, st["dtype"], st["tokens"], **st["kw"])
+        cases.append(c)
+        label = f"{name}:{layers}"
+        sc, mem = c["step_cost"], c["memory"]["measured"]
+        ratios = [sc["before"]["median_ratio"], sc["after"]["median_ratio"],
+                  c["prefill"]["models"]["compacted 50%"]["speedup"], c["decode"]["models"]["compacted 50%"]["speedup"]]
+        rep.flag("scale", f"{label} measured", all(r is not None and math.isfinite(r) and r > 0 for r in ratios)
+                 and mem["training_steps"] > 0 and abs(c["achieved_ratio"] - 0.5) < 0.05,
+                 step_before=ratios[0], step_after=ratios[1], prefill=ratios[2], decode=ratios[3],
+                 achieved_ratio=c["achieved_ratio"])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    results["cases"] = cases
+    results["extrapolation"] = scale.extrapolate(cases)
+    results["markdown"] = scale.markdown(cases, results["extrapolation"])
+    print(results["markdown"], flush=True)
+
+
+# ---------------------------------------------------------------------------
 # speed (GPU only)
 # ---------------------------------------------------------------------------
 
@@ -424,12 +473,14 @@ def main(argv=None) -> int:
     rep = Report()
     t0 = time.time()
     timings = {}
+    scale_results: dict = {}
     for label, fn in (
         ("lora_linear", lambda: [run_lora_case(rep, device, *c) for c in lora_cases(args.smoke)]),
         ("huge", (lambda: check_huge(rep, device)) if cuda and not args.smoke else None),
         ("determinism", lambda: check_determinism(rep, device, args.smoke)),
         ("importance_merge", lambda: check_importance_merge(rep, device, args.smoke)),
         ("prune", lambda: check_prune(rep, device, args.smoke)),
+        ("scale", lambda: check_scale(rep, device, args.smoke, scale_results)),
     ):
         t1 = time.time()
         if fn is None:
@@ -455,10 +506,14 @@ def main(argv=None) -> int:
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "ok": rep.ok, "n_checks": len(rep.checks), "n_failed": sum(not c["ok"] for c in rep.checks),
         "seconds": round(time.time() - t0, 1), "seconds_per_part": timings,
-        "checks": rep.checks, "speed": speed,
+        "checks": rep.checks, "speed": speed, "scale": scale_results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    if scale_results.get("markdown"):
+        md = Path(str(args.out) + ".scale.md")  # the table bench/README.md takes as it is
+        md.write_text(f"`python bench/gpu_check.py{' --smoke' if args.smoke else ''}` — {result['device']}, "
+                      f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n\n" + scale_results["markdown"])
     print(f"gpu_check ({result['mode']}, {result['device']}): {result['n_checks']} checks, "
           f"{result['n_failed']} failed, {result['seconds']}s -> {args.out}")
     return 0 if rep.ok else 1

@@ -93,8 +93,18 @@ def measure(fn) -> dict:
 MARK = "loraprune.bench.mark:"
 
 
+#: on a GPU, inside a :func:`tensor_peak` call: (bytes live at its start, [(mark, peak of the segment before it)])
+_CUDA_MARKS: tuple | None = None
+
+
 def mark(name: str) -> None:
-    """Inside a :func:`tensor_peak` call: the peak up to here is also reported, as ``marks[name]``."""
+    """Inside a :func:`tensor_peak` call: the peak up to here is also reported, as ``marks[name]``, and
+    the peak from here to the end of the call as ``after_marks[name]``."""
+    if _CUDA_MARKS is not None:  # the allocator's peak of the segment that ends here, then restart it
+        torch.cuda.synchronize()
+        _CUDA_MARKS[1].append((name, torch.cuda.max_memory_allocated() - _CUDA_MARKS[0]))
+        torch.cuda.reset_peak_memory_stats()
+        return
     with torch.profiler.record_function(MARK + name):
         pass
 
@@ -102,21 +112,32 @@ def mark(name: str) -> None:
 def tensor_peak(fn) -> dict:
     """Run ``fn`` once: the peak of the tensor bytes the allocator has handed out during the call, above
     what was live when it started (on a GPU what ``torch.cuda.max_memory_allocated`` counts), and the
-    peak up to each :func:`mark` ``fn`` made (``marks``: name -> bytes; on CPU only).
+    peak up to each :func:`mark` ``fn`` made (``marks``: name -> bytes) and from it to the end of the
+    call (``after_marks``).
 
     Peak RSS, the other probe, also counts what the C allocator keeps after a free (glibc keeps freed
     blocks of its heap for reuse; with many mid-sized tensors freed in a different order than they were
     made, RSS ends well above the live bytes) and non-tensor memory. On CPU this reads the allocator's
     own events through ``torch.profiler`` (``profile_memory``): every allocation and free, in order.
     """
+    global _CUDA_MARKS
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
+        _CUDA_MARKS = (start, [])
         t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return {"tensor_peak_bytes": torch.cuda.max_memory_allocated() - start, "device": "cuda", "marks": {},
+        try:
+            fn()
+            torch.cuda.synchronize()
+        finally:
+            segments = _CUDA_MARKS[1]
+            _CUDA_MARKS = None
+        segments = segments + [(None, torch.cuda.max_memory_allocated() - start)]  # the last segment
+        peaks = [p for _, p in segments]
+        marks = {n: max(peaks[: i + 1]) for i, (n, _) in enumerate(segments[:-1])}
+        after = {n: max(peaks[i + 1:]) for i, (n, _) in enumerate(segments[:-1])}
+        return {"tensor_peak_bytes": max(peaks), "device": "cuda", "marks": marks, "after_marks": after,
                 "wall_s": time.perf_counter() - t}
     import tempfile
 
@@ -135,14 +156,17 @@ def tensor_peak(fn) -> dict:
     timeline = sorted([(e["ts"], 1, e["args"]["Bytes"]) for e in mem] + [(ts, 0, name) for ts, name in marks],
                       key=lambda x: (x[0], x[1]))
     live = peak = 0
-    at_marks = {}
+    at_marks, after = {}, {}
     for _, kind, value in timeline:
         if kind == 0:
             at_marks.setdefault(value, peak)
+            after.setdefault(value, live)
             continue
         live += value  # negative for a free (also of tensors made before the call)
         peak = max(peak, live)
-    return {"tensor_peak_bytes": peak, "device": "cpu", "marks": at_marks, "wall_s": wall}
+        for name in after:
+            after[name] = max(after[name], live)
+    return {"tensor_peak_bytes": peak, "device": "cpu", "marks": at_marks, "after_marks": after, "wall_s": wall}
 
 
 # ---------------------------------------------------------------- criterion

@@ -208,6 +208,55 @@ def test_dropout_backward_consistent_with_forward(backend):
                 assert abs(lhs - rhs) <= 2e-3 * max(abs(rhs.item()), 1.0), f"d{name}: {lhs} vs {rhs}"
 
 
+def test_twin_saved_mask_gives_the_recomputed_gradients_bitwise():
+    """The torch twin's backward with the forward's saved mask equals the backward that redraws it
+    from the seed, bit for bit (dx, dA, dB), with and without ``keep``."""
+    from loraprune.kernels import torch_ops
+
+    x, W, A, B, _ = _inputs(torch.float32, 8, (11,), seed=21)
+    g = torch.randn(11, OUT, generator=torch.Generator().manual_seed(2))
+    for keep in (None, _keep("subset")):
+        mask = torch_ops.dropout_keep_mask_torch(x.shape, 0.3, 1234, x.device)
+        y1, xa1 = torch_ops.lora_linear_forward_torch(x, W, A, B, None, keep, 1.5, 0.3, 1234)
+        y2, xa2 = torch_ops.lora_linear_forward_torch(x, W, A, B, None, keep, 1.5, 0.3, 1234, mask)
+        assert torch.equal(y1, y2) and torch.equal(xa1, xa2)
+        redrawn = torch_ops.lora_linear_backward_torch(g, x, W, A, B, xa1, keep, 1.5, 0.3, 1234)
+        saved = torch_ops.lora_linear_backward_torch(g, x, W, A, B, xa1, keep, 1.5, 0.3, 1234, mask=mask)
+        for a, b in zip(redrawn, saved):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("checkpointed,draws", [(False, 1), (True, 2)])
+def test_twin_draws_each_dropout_mask_once_per_forward(monkeypatch, checkpointed, draws):
+    """The twin saves its mask: one draw per forward, none in backward; under non-reentrant
+    checkpointing the recomputed forward draws it again (two per step, as PEFT), not three.
+    The gradients equal those of the plain (uncheckpointed) call bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    from loraprune.kernels import torch_ops
+
+    calls = []
+    real = torch_ops.dropout_keep_mask_torch
+    monkeypatch.setattr(torch_ops, "dropout_keep_mask_torch", lambda *a: calls.append(1) or real(*a))
+    x, W, A, B, bias = _inputs(torch.float32, 8, (3, 5), seed=22)
+    keep = _keep("subset")
+
+    def grads(ckpt):
+        xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
+        torch.manual_seed(5)
+        with use_backend("torch"):
+            def f(x_, A_, B_):
+                return lora_linear(x_, W, A_, B_, 2.0, bias=bias, keep=keep, dropout=0.2)
+            y = checkpoint(f, xg, Ag, Bg, use_reentrant=False) if ckpt else f(xg, Ag, Bg)
+            y.square().sum().backward()
+        return xg.grad, Ag.grad, Bg.grad
+
+    got = grads(checkpointed)
+    assert len(calls) == draws
+    for a, b in zip(got, grads(False)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shape_errors_name_expected_shapes(backend):
     x, W, A, B, bias = _inputs(torch.float32, 8, (4,))

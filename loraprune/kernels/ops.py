@@ -75,17 +75,27 @@ class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + bias + s * drop(x) A^T B^T restricted to ``keep`` channels.
 
     Saved for backward: x, the fp32 ``xa = drop(x) A^T`` (r wide) and the dropout
-    seed (the mask is recomputed).  weight, bias are frozen: their gradients
-    are never formed (None is returned even if they require grad).  Autocast:
-    see the comment above; :func:`lora_linear` casts, this runs with autocast off.
+    seed.  The Triton kernels recompute the mask from the seed in registers; the
+    torch twin (CPU) saves it instead, as a bool tensor of x's shape (one byte per
+    element, only when dropout > 0): drawing it costs as much as a small GEMM on a
+    CPU, and under gradient checkpointing a recomputing backward made it three
+    draws per step (forward, recomputed forward, backward) where PEFT makes two.
+    weight, bias are frozen: their gradients are never formed (None is returned
+    even if they require grad).  Autocast: see the comment above;
+    :func:`lora_linear` casts, this runs with autocast off.
     """
 
     @staticmethod
     @_cuda_custom_fwd
     def forward(ctx, x2d, weight, lora_A, lora_B, bias, keep, scaling, p, seed, backend):
         fwd, _ = _lora_linear_impl(backend)
-        y2d, xa = fwd(x2d, weight, lora_A, lora_B, bias, keep, scaling, p, seed)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_B, xa, keep)
+        mask = None
+        if backend != "triton" and p > 0:  # the twin's mask, drawn once and saved (see the class doc)
+            mask = torch_ops.dropout_keep_mask_torch(x2d.shape, p, seed, x2d.device)
+            y2d, xa = fwd(x2d, weight, lora_A, lora_B, bias, keep, scaling, p, seed, mask)
+        else:
+            y2d, xa = fwd(x2d, weight, lora_A, lora_B, bias, keep, scaling, p, seed)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, xa, keep, mask)
         ctx.scaling, ctx.p, ctx.seed, ctx.backend = scaling, p, seed, backend
         ctx.device_type = x2d.device.type
         return y2d
@@ -93,13 +103,14 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     @_cuda_custom_bwd
     def backward(ctx, grad_y):
-        x2d, weight, lora_A, lora_B, xa, keep = ctx.saved_tensors
+        x2d, weight, lora_A, lora_B, xa, keep, mask = ctx.saved_tensors
         _, bwd = _lora_linear_impl(ctx.backend)
         need_dx, _, need_dA, need_dB = ctx.needs_input_grad[:4]
         guard = _autocast_off(ctx.device_type) if ctx.device_type != "cuda" else contextlib.nullcontext()
+        extra = {} if mask is None else {"mask": mask}
         with guard:  # CUDA: custom_bwd restores the forward's (off) state
             dx, dA, dB = bwd(grad_y, x2d, weight, lora_A, lora_B, xa, keep, ctx.scaling, ctx.p, ctx.seed,
-                             need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+                             need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, **extra)
         return dx, None, dA, dB, None, None, None, None, None, None
 
 

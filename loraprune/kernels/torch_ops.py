@@ -7,7 +7,9 @@ where it matters on CPU:
   out x in temporary; each block temporary is ~0.5% of W's fp32 bytes.
 * ``merge_gather_torch`` forms B A only for the gathered rows, block by block.
 * the lora_linear twins share the kernels' contract (fp32 ``xa`` saved, dropout
-  mask recomputed from a seed, ``keep`` applied by gathering rows of W/B).
+  mask a pure function of a seed, ``keep`` applied by gathering rows of W/B);
+  the autograd Function saves the twin's mask (bool) where the kernels
+  recompute theirs (see ``ops.LoRALinearFunction``).
 """
 from __future__ import annotations
 
@@ -56,11 +58,13 @@ def _dropped(x2d: torch.Tensor, p: float, seed: int, mask: torch.Tensor | None =
 # lora_linear
 # ---------------------------------------------------------------------------
 
-def lora_linear_forward_torch(x2d, weight, lora_A, lora_B, bias, keep, scaling: float, p: float, seed: int):
-    """Returns (y2d, xa): y full width with exact zeros outside ``keep``; xa = drop(x) A^T (fp32)."""
+def lora_linear_forward_torch(x2d, weight, lora_A, lora_B, bias, keep, scaling: float, p: float, seed: int,
+                              mask: torch.Tensor | None = None):
+    """Returns (y2d, xa): y full width with exact zeros outside ``keep``; xa = drop(x) A^T (fp32).
+    ``mask``: the seed's dropout keep-mask if the caller drew it already (it is drawn here otherwise)."""
     M = x2d.shape[0]
     out_features = weight.shape[0]
-    xa = _dropped(x2d, p, seed) @ lora_A.float().t()
+    xa = _dropped(x2d, p, seed, mask) @ lora_A.float().t()
     if keep is None:
         w_k, b_k, bias_k = weight, lora_B, bias
     else:
@@ -80,8 +84,10 @@ def lora_linear_forward_torch(x2d, weight, lora_A, lora_B, bias, keep, scaling: 
 
 
 def lora_linear_backward_torch(g2d, x2d, weight, lora_A, lora_B, xa, keep, scaling: float, p: float, seed: int,
-                               need_dx: bool = True, need_dA: bool = True, need_dB: bool = True):
-    """(dx, dA, dB); weight and bias are frozen, so no dW/dbias is ever formed."""
+                               need_dx: bool = True, need_dA: bool = True, need_dB: bool = True,
+                               mask: torch.Tensor | None = None):
+    """(dx, dA, dB); weight and bias are frozen, so no dW/dbias is ever formed. ``mask``: the forward's
+    dropout keep-mask, saved (else recomputed from ``seed``)."""
     if keep is None:
         g_k, w_k, b_k = g2d, weight, lora_B
     else:
@@ -90,7 +96,9 @@ def lora_linear_backward_torch(g2d, x2d, weight, lora_A, lora_B, xa, keep, scali
         b_k = lora_B.index_select(0, keep)
     gf = g_k.float()
     dx = dA = dB = None
-    keep_mask = dropout_keep_mask_torch(x2d.shape, p, seed, x2d.device) if p > 0 and (need_dA or need_dx) else None
+    keep_mask = None
+    if p > 0 and (need_dA or need_dx):
+        keep_mask = mask if mask is not None else dropout_keep_mask_torch(x2d.shape, p, seed, x2d.device)
     dxa = (gf @ b_k.float()).mul_(float(scaling)) if (need_dx or need_dA) else None
     if need_dB:
         db_k = (gf.t() @ xa).mul_(float(scaling)).to(lora_B.dtype)
