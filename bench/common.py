@@ -230,3 +230,14 @@ def importance_eager_fp32(weight, lora_A, lora_B, grad_A, grad_B, scaling, squar
     S = G * (W + scaling * (B @ A))
     S = S * S if square else S.abs()
     return S.sum(1), S.sum(0)
+
+
+def run_fresh(cmd: list[str]) -> int:
+    """Run one benchmark case in a fresh process (its own memory peak, nothing cached), echoing the
+    command and the last line it printed; returns its exit code."""
+    import subprocess
+
+    print("$", " ".join(cmd), flush=True)
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    print(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else f"failed ({res.returncode})", flush=True)
+    return res.returncode

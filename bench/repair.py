@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -112,6 +111,7 @@ def main(argv=None) -> int:
         rec = run_one(v, r, s, a.out / f"{v}@{r:g}-seed{s}.json")
         print(json.dumps({k: rec[k] for k in ("variant", "ratio", "ppl", "seconds", "peak_rss_mib")}))
         return 0
+    from .common import run_fresh  # here, not at the top: bench.common imports torch
     for ratio in a.ratios:
         for seed in a.seeds:
             for v in a.variants:
@@ -120,10 +120,7 @@ def main(argv=None) -> int:
                     continue
                 cmd = [sys.executable, "-m", "bench.repair", "run", "--variants", v, "--ratios", str(ratio),
                        "--seeds", str(seed), "--out", str(a.out)]
-                print("$", " ".join(cmd), flush=True)
-                res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-                print(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else f"failed ({res.returncode})",
-                      flush=True)
+                run_fresh(cmd)
     print(report(a.out))
     return 0
 

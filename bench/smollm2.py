@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -532,6 +531,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: rec[k] for k in ("method", "ratio", "ppl", "peak_extra_mib", "seconds")}))
         return 0
     print(json.dumps(dense(a.out)), flush=True)
+    from .common import run_fresh  # here, not at the top: bench.common imports torch
     for ratio in a.ratios:
         for seed in a.seeds:
             for m in a.methods:
@@ -540,10 +540,7 @@ def main(argv=None) -> int:
                     continue
                 cmd = [sys.executable, "-m", "bench.smollm2", "run", "--methods", m, "--ratios", str(ratio),
                        "--steps", str(a.steps), "--seeds", str(seed), "--out", str(a.out), "--evals", *a.evals, "--set", *a.set]
-                print("$", " ".join(cmd), flush=True)
-                res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-                print(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else f"failed ({res.returncode})",
-                      flush=True)
+                run_fresh(cmd)
     print(report(a.out))
     return 0
 

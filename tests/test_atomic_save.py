@@ -17,6 +17,7 @@ import loraprune
 from loraprune.errors import OutputExistsError
 from loraprune.structure.masks import Masks
 from loraprune.utils import atomic as lp_io
+from races import race, race_in_threads, report
 from tiny import random_batches, tiny_model
 
 
@@ -139,21 +140,8 @@ def test_two_threads_saving_into_one_new_directory_do_not_both_succeed(tmp_path)
         def save_pretrained(self, directory):
             barrier.wait(timeout=60)
 
-    results = {}
-
-    def save(name, model):
-        try:
-            loraprune.save_pruned(model, out, tokenizer=WaitingTokenizer())
-            results[name] = "saved"
-        except OutputExistsError as err:
-            results[name] = str(err)
-
-    threads = [threading.Thread(target=save, args=item) for item in (("a", a), ("b", b))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    winners = [n for n, r in results.items() if r == "saved"]
+    results, winners = race_in_threads(
+        {name: lambda m=m: loraprune.save_pruned(m, out, tokenizer=WaitingTokenizer()) for name, m in (("a", a), ("b", b))})
     assert len(results) == 2 and len(winners) == 1, results
     loser = next(r for n, r in results.items() if n not in winners)
     assert "filled by another save" in loser and "overwrite=True" in loser
@@ -165,24 +153,12 @@ def _save_in_process(seed, out, barrier, queue):
         def save_pretrained(self, directory):
             barrier.wait(timeout=60)
 
-    try:
-        loraprune.save_pruned(_pruned(seed), out, tokenizer=WaitingTokenizer())
-        queue.put((seed, "saved"))
-    except OutputExistsError as err:
-        queue.put((seed, str(err)))
+    report(seed, queue, lambda: loraprune.save_pruned(_pruned(seed), out, tokenizer=WaitingTokenizer()))
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
 def test_two_processes_saving_into_one_new_directory_do_not_both_succeed(tmp_path):
-    ctx = multiprocessing.get_context("fork")
-    barrier, queue = ctx.Barrier(2), ctx.Queue()
     out = tmp_path / "shared"
-    procs = [ctx.Process(target=_save_in_process, args=(seed, out, barrier, queue)) for seed in (1, 2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    results = dict(queue.get(timeout=10) for _ in procs)
-    winners = [s for s, r in results.items() if r == "saved"]
+    results, winners = race(_save_in_process, out)
     assert len(winners) == 1, results
     assert _which(out, {1: _logits(_pruned(1)), 2: _logits(_pruned(2))}) == winners[0]

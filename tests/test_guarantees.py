@@ -22,32 +22,13 @@ import loraprune
 import loraprune.surgery.compaction as compaction
 from loraprune.errors import AdapterError, OutputExistsError
 from loraprune.utils.atomic import TEMP_PATTERN
+from model_snapshot import assert_intact, snapshot
+from races import race, race_in_threads, report
 from tiny import random_batches, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _snapshot(model):
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            {n: type(m).__name__ for n, m in model.named_modules()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: p.device for n, p in model.named_parameters()},
-            json.dumps(model.config.to_dict(), sort_keys=True, default=str))
-
-
-def _assert_intact(model, snap):
-    sd, kinds, flags, devices, cfg = snap
-    now = model.state_dict()
-    assert now.keys() == sd.keys()
-    for k in sd:
-        torch.testing.assert_close(now[k], sd[k], rtol=0, atol=0, equal_nan=True, msg=k)
-    assert {n: type(m).__name__ for n, m in model.named_modules()} == kinds
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert {n: p.device for n, p in model.named_parameters()} == devices
-    assert json.dumps(model.config.to_dict(), sort_keys=True, default=str) == cfg
-
-
-# ---- 1. PEFT inputs: refused before anything is touched --------------------------------------------------
 def _peft_builders():
     pytest.importorskip("peft")
     import peft_models
@@ -65,13 +46,13 @@ def test_an_adapter_loraprune_cannot_continue_is_refused_with_the_model_untouche
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft_models.BUILDERS[kind]()
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(AdapterError, match="merge_and_unload"):
         if entry == "LoRAPruner":
             loraprune.LoRAPruner(model, ratio=0.5)
         else:
             loraprune.prune(model, random_batches(n=2), ratio=0.5, steps=2, progress=False)
-    _assert_intact(model, snap)
+    assert_intact(model, snap)
 
 
 def test_a_plain_lora_peftmodel_is_still_continued():
@@ -83,16 +64,16 @@ def test_a_plain_lora_peftmodel_is_still_continued():
 
 def test_a_model_that_already_carries_a_pruner_is_refused_and_the_first_pruner_is_unharmed():
     model = tiny_model()
-    given = _snapshot(model)
+    given = snapshot(model)
     first = loraprune.LoRAPruner(model, ratio=0.5)
-    attached = _snapshot(model)
+    attached = snapshot(model)
     with pytest.raises(AdapterError, match="already carries loraprune's LoRA layers"):
         loraprune.LoRAPruner(model, ratio=0.3)
     with pytest.raises(AdapterError, match="already carries"):
         loraprune.prune(model, random_batches(n=2), ratio=0.3, steps=2, progress=False)
-    _assert_intact(model, attached)
+    assert_intact(model, attached)
     first.restore()
-    _assert_intact(model, given)
+    assert_intact(model, given)
     unmerged = loraprune.LoRAPruner(tiny_model(), ratio=0.5).finalize(merge=False)
     with pytest.raises(AdapterError, match=r"merge_lora\(model\)"):
         loraprune.LoRAPruner(unmerged, ratio=0.3)
@@ -103,7 +84,7 @@ def test_a_failure_inside_lorapruner_init_puts_the_model_back(where, monkeypatch
     import loraprune.run.engine as engine
 
     model = _peft_builders().plain_lora() if where.startswith("wrapping") else tiny_model()
-    snap = _snapshot(model)
+    snap = snapshot(model)
     if where.startswith("wrapping"):
         real, calls = engine.wrap_linear, []
 
@@ -123,7 +104,7 @@ def test_a_failure_inside_lorapruner_init_puts_the_model_back(where, monkeypatch
         exc = RuntimeError
     with pytest.raises(exc):
         loraprune.LoRAPruner(model, ratio=0.5, criterion="magnitude")
-    _assert_intact(model, snap)
+    assert_intact(model, snap)
 
 
 # ---- 2. the last step cannot lose the run --------------------------------------------------------------
@@ -179,7 +160,7 @@ def _fail_at_projection(monkeypatch, n):
 @pytest.mark.parametrize("where", ["layer 0", "layer 1", "layer 2", "mid-layer 1", "recording the widths"])
 def test_a_failure_mid_compaction_puts_the_model_back_and_finalize_can_run_again(where, merge, monkeypatch):
     model, pruner = _pruner()
-    snap, state = _snapshot(model), _run_state(pruner)
+    snap, state = snapshot(model), _run_state(pruner)
     with monkeypatch.context() as patch:
         if where.startswith("layer"):
             _fail_at_layer(patch, int(where[-1]))
@@ -191,7 +172,7 @@ def test_a_failure_mid_compaction_puts_the_model_back_and_finalize_can_run_again
             patch.setattr(compaction, "record_widths", broken)
         with pytest.raises(torch.OutOfMemoryError):
             pruner.finalize(merge=merge)
-    _assert_intact(model, snap)  # weights, LoRA factors, module types, flags, config
+    assert_intact(model, snap)  # weights, LoRA factors, module types, flags, config
     _assert_same_run_state(pruner, state)
     assert not hasattr(model, "loraprune_masks")
     small = pruner.finalize(merge=merge)  # the retry
@@ -208,24 +189,24 @@ def test_a_failure_mid_compaction_puts_the_model_back_and_finalize_can_run_again
 
 def test_after_a_failed_compaction_restore_gives_back_the_model_as_it_was_given(monkeypatch):
     model = tiny_model(num_hidden_layers=3)
-    given = _snapshot(model)
+    given = snapshot(model)
     pruner = loraprune.LoRAPruner(model, ratio=0.5)
     pruner.reach_target()
     _fail_at_layer(monkeypatch, 2)
     with pytest.raises(torch.OutOfMemoryError):
         pruner.finalize()
     pruner.restore()
-    _assert_intact(model, given)
+    assert_intact(model, given)
 
 
 @pytest.mark.parametrize("progressive", [True, False])
 def test_prune_whose_compaction_fails_leaves_the_model_as_it_was_given(progressive, monkeypatch):
     model = tiny_model(num_hidden_layers=3)
-    given = _snapshot(model)
+    given = snapshot(model)
     _fail_at_layer(monkeypatch, 1)
     with pytest.raises(torch.OutOfMemoryError):
         loraprune.prune(model, random_batches(n=2), ratio=0.5, steps=4, progressive=progressive, progress=False)
-    _assert_intact(model, given)
+    assert_intact(model, given)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="parking on the host is observable on a GPU only")
@@ -233,7 +214,7 @@ def test_on_a_gpu_the_originals_are_parked_on_the_host_and_put_back_on_failure(m
     model = tiny_model(num_hidden_layers=3).cuda()
     pruner = loraprune.LoRAPruner(model, ratio=0.5)
     pruner.reach_target()
-    snap = _snapshot(model)
+    snap = snapshot(model)
     layer0 = [m for m in pruner.modules[0].values()]
     seen = []
     real = compaction._compact_layer
@@ -248,7 +229,7 @@ def test_on_a_gpu_the_originals_are_parked_on_the_host_and_put_back_on_failure(m
     with pytest.raises(torch.OutOfMemoryError):
         pruner.finalize()
     assert seen == ["first", True]
-    _assert_intact(model, snap)
+    assert_intact(model, snap)
 
 
 # ---- 3. one exclusive-create rule -----------------------------------------------------------------------
@@ -285,21 +266,8 @@ def test_concurrent_save_gguf_from_threads_gives_exactly_one_success(tok, tmp_pa
         real_close(self)
         barrier.wait(timeout=60)
     monkeypatch.setattr(gguf.GGUFWriter, "close", close)
-    out, results = tmp_path / "shared.gguf", {}
-
-    def save(seed):
-        try:
-            loraprune.save_gguf(models[seed], out, tok)
-            results[seed] = "saved"
-        except OutputExistsError as err:
-            results[seed] = str(err)
-
-    threads = [threading.Thread(target=save, args=(s,)) for s in (1, 2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    winners = [s for s, r in results.items() if r == "saved"]
+    out = tmp_path / "shared.gguf"
+    results, winners = race_in_threads({s: lambda s=s: loraprune.save_gguf(models[s], out, tok) for s in (1, 2)})
     assert len(results) == 2 and len(winners) == 1, results
     assert "another save" in results[3 - winners[0]] and "overwrite=True" in results[3 - winners[0]]
     assert out.read_bytes() == alone[winners[0]]
@@ -318,27 +286,15 @@ def _save_gguf_in_process(seed, out, barrier, queue):
         barrier.wait(timeout=60)
     gguf.GGUFWriter.close = close
     tok = gpt2_tokenizer()
-    try:
-        loraprune.save_gguf(_gguf_model(tok, seed), out, tok)
-        queue.put((seed, "saved"))
-    except OutputExistsError as err:
-        queue.put((seed, str(err)))
+    report(seed, queue, lambda: loraprune.save_gguf(_gguf_model(tok, seed), out, tok))
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
 def test_concurrent_save_gguf_from_processes_gives_exactly_one_success(tok, tmp_path):
     pytest.importorskip("gguf")
     alone = _standalone(tok, (1, 2), tmp_path)
-    ctx = multiprocessing.get_context("fork")
-    barrier, queue = ctx.Barrier(2), ctx.Queue()
     out = tmp_path / "shared.gguf"
-    procs = [ctx.Process(target=_save_gguf_in_process, args=(s, out, barrier, queue)) for s in (1, 2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    results = dict(queue.get(timeout=10) for _ in procs)
-    winners = [s for s, r in results.items() if r == "saved"]
+    results, winners = race(_save_gguf_in_process, out, timeout=180)
     assert len(winners) == 1, results
     assert out.read_bytes() == alone[winners[0]]
 

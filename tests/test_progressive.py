@@ -11,6 +11,7 @@ import torch
 import loraprune
 from loraprune import LoRAPruner
 from loraprune.surgery.progressive import expand, physical_order, relative, to_original
+from model_snapshot import assert_intact, fail_prune_at, snapshot
 from tiny import logits, random_batches, tiny_model
 
 RUN = dict(ratio=0.5, steps=8, lr=1e-2, lora_dropout=0.0, prune_start=1, prune_end=5, prune_every=1,
@@ -98,19 +99,13 @@ def test_optimizer_state_follows_the_permutation():
 
 def test_a_failed_progressive_run_puts_rows_back_in_order():
     model = tiny_model("qwen2")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    snap = snapshot(model)
 
-    def boom(step, pruner, loss):
-        if step == 6:
-            assert any(m.out_order is not None for m in pruner.lora_modules())  # rows were permuted
-            raise RuntimeError("stop")
+    def check(pruner):
+        assert any(m.out_order is not None for m in pruner.lora_modules())  # rows were permuted
 
-    with pytest.raises(RuntimeError, match="stop"):
-        loraprune.prune(model, random_batches(n=16, seed=1), on_step=boom, **RUN)
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k in before:
-        assert torch.equal(after[k], before[k]), k
+    fail_prune_at(model, random_batches(n=16, seed=1), 6, check, **RUN)
+    assert_intact(model, snap)
 
 
 def test_progressive_resume_equals_an_uninterrupted_run(tmp_path):

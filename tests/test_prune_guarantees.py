@@ -8,27 +8,10 @@ import torch
 
 import loraprune
 from loraprune.errors import DataError, NonFiniteLossError
+from model_snapshot import assert_intact, snapshot
 from tiny import random_batches, tiny_config, tiny_model
 
 pytestmark = pytest.mark.slow  # trains, spawns subprocesses or compiles
-
-
-def _snapshot(model):
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            {n: type(m).__name__ for n, m in model.named_modules()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            model.config.to_dict())
-
-
-def _assert_intact(model, snap):
-    sd, kinds, flags, cfg = snap
-    now = model.state_dict()
-    assert now.keys() == sd.keys()
-    for k in sd:
-        torch.testing.assert_close(now[k], sd[k], rtol=0, atol=0, equal_nan=True, msg=k)
-    assert {n: type(m).__name__ for n, m in model.named_modules()} == kinds
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert model.config.to_dict() == cfg
 
 
 def _failing_data():
@@ -44,7 +27,7 @@ def _nan_data():
 @pytest.mark.parametrize("case", ["empty", "bad-option", "data-fails-mid-run", "no-signal", "non-finite"])
 def test_a_failed_prune_leaves_the_model_as_it_was(case):
     model = tiny_model()
-    snap = _snapshot(model)
+    snap = snapshot(model)
     kw = dict(ratio=0.5, steps=4, progress=False)
     if case == "empty":
         call, exc = (lambda: loraprune.prune(model, [], **kw)), DataError
@@ -59,13 +42,13 @@ def test_a_failed_prune_leaves_the_model_as_it_was(case):
     else:  # NaN loss every step: a NaN weight in the final norm
         with torch.no_grad():
             model.model.norm.weight[0] = float("nan")
-        snap = _snapshot(model)
+        snap = snapshot(model)
         call, exc = (lambda: loraprune.prune(model, random_batches(n=6), **kw, max_bad_steps=2)), NonFiniteLossError
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the skipped steps warn
         with pytest.raises(exc):
             call()
-    _assert_intact(model, snap)
+    assert_intact(model, snap)
     # and the model still works as a plain model
     model(**random_batches(n=1)[0])
 
@@ -124,21 +107,21 @@ def test_a_compiled_model_is_pruned_through_the_module_it_wraps(tmp_path):
         torch.testing.assert_close(loraprune.load_pruned(out)(x).logits, plain(x).logits, rtol=0, atol=0)
 
     model = tiny_model()
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(OSError, match="disk went away"):
         loraprune.prune(torch.compile(model), _failing_data(), **kw)
-    _assert_intact(model, snap)
+    assert_intact(model, snap)
 
 
 def test_a_failure_after_training_before_the_cut_leaves_the_model_as_it_was(monkeypatch):
     """Everything after the first change to the model is inside the restore guarantee: a failure in
     the final step (here: reaching the target masks) puts the model back."""
     model = tiny_model()
-    snap = _snapshot(model)
+    snap = snapshot(model)
 
     def broken(self):
         raise RuntimeError("failed at the end")
     monkeypatch.setattr(loraprune.LoRAPruner, "reach_target", broken)
     with pytest.raises(RuntimeError, match="failed at the end"):
         loraprune.prune(model, random_batches(n=2), ratio=0.5, steps=3, progress=False)
-    _assert_intact(model, snap)
+    assert_intact(model, snap)

@@ -5,6 +5,7 @@ import torch
 import loraprune
 from loraprune import LoRAPruner
 from loraprune.errors import ConfigError
+from model_snapshot import assert_intact, fail_prune_at, snapshot
 from tiny import logits, random_batches, tiny_model
 
 RUN = dict(ratio=0.5, steps=8, lr=1e-2, lora_dropout=0.0, prune_start=1, prune_end=5, prune_every=1,
@@ -79,19 +80,13 @@ def test_teacher_stays_dense_and_progressive_equals_masked():
 
 def test_a_failed_run_with_repair_puts_the_original_weights_back():
     model = tiny_model("llama")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    snap = snapshot(model)
 
-    def boom(step, pruner, loss):
-        if step == 4:
-            assert any(m.teacher_weight is not None for m in pruner.lora_modules())
-            raise RuntimeError("stop")
+    def check(pruner):
+        assert any(m.teacher_weight is not None for m in pruner.lora_modules())
 
-    with pytest.raises(RuntimeError, match="stop"):
-        loraprune.prune(model, random_batches(n=16, seed=1), on_step=boom, **RUN)
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k in before:
-        assert torch.equal(after[k], before[k]), k
+    fail_prune_at(model, random_batches(n=16, seed=1), 4, check, **RUN)
+    assert_intact(model, snap)
 
 
 def test_repair_options_are_checked(tmp_path):

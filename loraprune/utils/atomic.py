@@ -124,24 +124,30 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{out_dir} exists and is not empty; choose another directory or pass overwrite=True")
 
 
+def _renameat2(src: Path, dst: Path, flag: int) -> bool:
+    """Linux ``renameat2(src, dst, flag)``: False where the platform, the C library or the file
+    system cannot do it (then the caller falls back); other failures raise ``OSError``."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flag) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(dst))
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
 
     False where the platform, the C library or the file system cannot; then
     :func:`atomic_directory` falls back to two renames and :func:`recover_interrupted_swap`.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
+    return _renameat2(a, b, 2)
 
 
 def _old_copies(out_dir: Path) -> list[Path]:
@@ -287,18 +293,7 @@ def atomic_file(path, overwrite: bool = True):
 
 def _rename_noreplace(src: Path, dst: Path) -> bool:
     """Linux ``renameat2(RENAME_NOREPLACE)``: False where the platform or file system cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_noreplace = -100, 1
-    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(dst))
+    return _renameat2(src, dst, 1)
 
 
 def _claim_file(tmp: Path, path: Path) -> None:
