@@ -179,6 +179,11 @@ def test_cli_export_writes_the_saved_model(tok, tmp_path, capsys):
     assert main(["export", str(tmp_path / "m.gguf"), "--from", str(tmp_path / "pruned"), "--dtype", "f32"]) == 0
     fields, _ = _fields(tmp_path / "m.gguf")
     assert fields["deci.feed_forward_length"] == [5, 48, 1, 16]
+    said = capsys.readouterr().out  # a per-layer file: what runs it, and the choice for ollama
+    assert "llama.cpp" in said and "ollama" in said and "--uniform" in said
+    loraprune.save_pruned(uniform("llama", len(tok)), tmp_path / "uniform", tokenizer=tok)
+    assert main(["export", str(tmp_path / "u.gguf"), "--from", str(tmp_path / "uniform"), "--dtype", "f32"]) == 0
+    assert "ollama" not in capsys.readouterr().out  # a uniform file needs no warning
     assert main(["export", str(tmp_path / "m.gguf"), "--from", str(tmp_path / "pruned")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     tiny_model(vocab_size=len(tok)).save_pretrained(tmp_path / "dense")
